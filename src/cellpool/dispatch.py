@@ -1,0 +1,382 @@
+"""The dispatcher: one thread per executor that owns every scheduling decision.
+
+It pulls inputs lazily from each run (never more than the run's window ahead of what
+has been consumed), groups them into batches sized from measured task times, hands
+batches to the pool, turns outcomes into records, retries with backoff, enforces
+timeouts and cancels. Pools and callers talk to it only through ``post``; its state is
+touched by no other thread, so it needs no locks.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import queue
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .errors import TaskCancelled, TaskTimeout, WorkerCrashed
+from .pool.base import Completed, Pool, WorkerLost
+from .results import Failure
+from .tasks import Batch, Outcome, Task
+
+TARGET_BATCH_SECONDS = 0.01  # tiny tasks travel in batches of about this much work
+BACKOFF_BASE = 0.1  # first retry after about this long, doubling per attempt
+BACKOFF_CAP = 30.0
+TICK = 0.1  # how often timeouts are checked while tasks run
+
+CANCELLED = Failure("TaskCancelled", "the task was cancelled before it finished")
+
+_STATUS_ERRORS: dict[str, type[BaseException]] = {
+    "timeout": TaskTimeout,
+    "crashed": WorkerCrashed,
+    "cancelled": TaskCancelled,
+}
+
+
+class Sink(Protocol):
+    """Where a run's records go: a Results, an ordered value stream, or a Future."""
+
+    def put(
+        self,
+        task: Task,
+        status: str,
+        value: Any,
+        failure: Failure | None,
+        worker: str | None,
+        pid: int | None,
+        started: float | None,
+        finished: float | None,
+    ) -> None: ...
+
+    def buffered(self) -> int: ...
+
+    def finish(self, run: Run) -> None: ...
+
+
+class Run:
+    """One stream of tasks: a ``run``, ``start`` or ``map`` call, or one ``submit``."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        inputs: Iterator[tuple[Any, tuple]],
+        total: int | None,
+        sink: Sink,
+        *,
+        timeout: float | None,
+        retries: int,
+        retry_on: tuple[type[BaseException], ...],
+        max_pending: int,
+    ) -> None:
+        self.fn = fn
+        self.inputs = inputs
+        self.total = total
+        self.sink = sink
+        self.timeout = timeout
+        self.retries = retries
+        self.retry_on = retry_on
+        self.max_pending = max_pending
+        self.next_index = 0
+        self.in_flight = 0  # taken from the input and not yet recorded
+        self.exhausted = False
+        self.cancelled = False  # read by worker threads to skip the rest of a batch
+        self.input_error: BaseException | None = None
+        self.done = 0
+        self.failed = 0
+        self.item_seconds: float | None = None
+        self.created = time.monotonic()
+        self.finished = threading.Event()
+
+    def room(self) -> int:
+        """How many more inputs may be taken without passing ``max_pending``."""
+        return self.max_pending - self.in_flight - self.sink.buffered()
+
+    def observe(self, outcomes: list[Outcome]) -> None:
+        """Fold the measured time per task into a moving average."""
+        seconds = (outcomes[-1][4] - outcomes[0][3]) / len(outcomes)
+        if self.item_seconds is None:
+            self.item_seconds = seconds
+        else:
+            self.item_seconds = 0.8 * self.item_seconds + 0.2 * seconds
+
+    def batch_size(self, workers: int) -> int:
+        if self.item_seconds is None:
+            return 1  # measure before batching
+        size = int(TARGET_BATCH_SECONDS / max(self.item_seconds, 1e-7))
+        size = min(size, max(1, self.max_pending // (2 * workers)))
+        if self.total is not None:
+            # near the end, smaller batches keep every worker busy to the last task
+            size = min(size, max(1, (self.total - self.next_index) // (2 * workers)))
+        return max(1, size)
+
+    def take(self, count: int) -> list[Task]:
+        """Up to ``count`` new tasks from the input."""
+        tasks = []
+        try:
+            for _ in range(count):
+                item, args = next(self.inputs)
+                tasks.append(Task(self.next_index, item, args))
+                self.next_index += 1
+        except StopIteration:
+            self.exhausted = True
+        except Exception as exc:
+            self.input_error = exc
+            self.exhausted = True
+        self.in_flight += len(tasks)
+        return tasks
+
+
+@dataclass(slots=True)
+class AddRun:
+    run: Run
+
+
+@dataclass(slots=True)
+class CancelRun:
+    run: Run
+    kill: bool  # also stop its running tasks (processes are killed; threads run on)
+
+
+@dataclass(slots=True)
+class Wake:
+    """Something changed that may free room: a consumer took values."""
+
+
+@dataclass(slots=True)
+class Shutdown:
+    cancel_futures: bool
+
+
+def backoff(attempt: int) -> float:
+    """Seconds before retry number ``attempt``: exponential, capped, with full jitter."""
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+class Dispatcher:
+    """Feeds ``pool`` from the runs posted to it; see the module docstring."""
+
+    def __init__(self, pool: Pool, workers: int) -> None:
+        self.pool = pool
+        self.workers = workers
+        self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._runs: list[Run] = []
+        self._turn = 0
+        self._batches: dict[int, Batch] = {}
+        self._requeued: deque[tuple[Run, Task]] = deque()
+        self._retries: list[tuple[float, int, Run, Task]] = []
+        self._retry_order = itertools.count()
+        self._closing = False
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            AddRun: self._add_run,
+            CancelRun: self._cancel_run,
+            Completed: self._completed,
+            WorkerLost: self._worker_lost,
+            Wake: lambda event: None,
+            Shutdown: self._shutdown,
+        }
+        self.thread = threading.Thread(target=self._loop, name="cellpool-dispatcher", daemon=True)
+        self.thread.start()
+
+    def post(self, event: Any) -> None:
+        """Hand an event to the dispatcher thread (safe from any thread)."""
+        self._events.put(event)
+
+    # -- the loop ------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                event = self._events.get(timeout=self._wait())
+                while True:
+                    self._handlers[type(event)](event)
+                    event = self._events.get_nowait()
+            except queue.Empty:
+                pass
+            self._expire()
+            self._fill()
+            self._finish_runs()
+            if self._closing and not self._runs:
+                return
+
+    def _wait(self) -> float | None:
+        """Block on the next event, but wake for timeouts and due retries."""
+        if self._retries:
+            return max(0.0, min(TICK, self._retries[0][0] - time.monotonic()))
+        return TICK if self._runs else None
+
+    # -- events --------------------------------------------------------------------
+
+    def _add_run(self, event: AddRun) -> None:
+        self._runs.append(event.run)
+
+    def _cancel_run(self, event: CancelRun) -> None:
+        run = event.run
+        if run not in self._runs:
+            return  # already finished
+        run.cancelled = True
+        if event.kill:
+            for busy in self.pool.running():
+                if busy.batch.run is run:
+                    self.pool.stop(busy.worker, "cancelled", "the run was cancelled")
+        for batch in [b for b in self._batches.values() if b.run is run]:
+            for position in range(len(batch.tasks)):
+                task = batch.resolve(position)
+                if task is not None:
+                    self._cancel_task(run, task)
+            self._close(batch)
+        for entry in [e for e in self._requeued if e[0] is run]:
+            self._requeued.remove(entry)
+            self._cancel_task(run, entry[1])
+        for entry in [e for e in self._retries if e[2] is run]:
+            self._retries.remove(entry)
+            self._cancel_task(run, entry[3])
+        heapq.heapify(self._retries)
+        if run.total is not None and not run.exhausted:
+            # a sized input is cheap to walk: its remaining items are recorded as cancelled
+            for task in run.take(run.total - run.next_index):
+                self._cancel_task(run, task)
+        run.exhausted = True
+
+    def _cancel_task(self, run: Run, task: Task) -> None:
+        self._complete(run, task, "cancelled", None, CANCELLED, None, None, None, None)
+
+    def _completed(self, event: Completed) -> None:
+        self.pool.settle(event)
+        batch = event.batch
+        run = batch.run
+        if event.outcomes and not batch.closed:
+            run.observe(event.outcomes)
+        for offset, outcome in enumerate(event.outcomes):
+            task = batch.resolve(event.start + offset)
+            if task is None:
+                continue
+            task.attempts += 1
+            ok, payload, retryable, started, finished = outcome
+            if ok:
+                self._complete(
+                    run, task, "ok", payload, None, event.worker, event.pid, started, finished
+                )
+            elif retryable and task.attempts <= run.retries and not run.cancelled:
+                self._retry(run, task)
+            else:
+                self._complete(
+                    run, task, "error", None, payload, event.worker, event.pid, started, finished
+                )
+        if batch.unresolved == 0:
+            self._close(batch)
+
+    def _worker_lost(self, event: WorkerLost) -> None:
+        self.pool.settle(event)
+        if event.culprit is not None:
+            batch, position = event.culprit
+            task = batch.resolve(position)
+            if task is not None:
+                run = batch.run
+                task.attempts += 1
+                error = _STATUS_ERRORS[event.status]
+                retry = event.status != "cancelled" and issubclass(error, run.retry_on)
+                if retry and task.attempts <= run.retries and not run.cancelled:
+                    self._retry(run, task)
+                else:
+                    failure = Failure(error.__name__, event.reason)
+                    self._complete(
+                        run,
+                        task,
+                        event.status,
+                        None,
+                        failure,
+                        event.worker,
+                        event.pid,
+                        None,
+                        time.time(),
+                    )
+        for batch, first in event.unfinished:
+            for position in range(first, len(batch.tasks)):
+                task = batch.resolve(position)
+                if task is not None:
+                    self._requeued.append((batch.run, task))
+            self._close(batch)
+
+    def _shutdown(self, event: Shutdown) -> None:
+        self._closing = True
+        if event.cancel_futures:
+            for run in list(self._runs):
+                self._cancel_run(CancelRun(run, kill=False))
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _close(self, batch: Batch) -> None:
+        batch.closed = True
+        self._batches.pop(batch.seq, None)
+
+    def _retry(self, run: Run, task: Task) -> None:
+        due = time.monotonic() + backoff(task.attempts)
+        heapq.heappush(self._retries, (due, next(self._retry_order), run, task))
+
+    def _complete(
+        self,
+        run: Run,
+        task: Task,
+        status: str,
+        value: Any,
+        failure: Failure | None,
+        worker: str | None,
+        pid: int | None,
+        started: float | None,
+        finished: float | None,
+    ) -> None:
+        """The one place a task's record is made."""
+        run.in_flight -= 1
+        run.done += 1
+        run.failed += status != "ok"
+        run.sink.put(task, status, value, failure, worker, pid, started, finished)
+
+    def _expire(self) -> None:
+        now = time.time()
+        for busy in self.pool.running():
+            timeout = busy.batch.run.timeout
+            if timeout is not None and not busy.batch.closed and now - busy.started > timeout:
+                self.pool.stop(
+                    busy.worker, "timeout", f"the task ran past its {timeout:g} s timeout"
+                )
+
+    def _fill(self) -> None:
+        while self.pool.capacity() > 0:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._batches[batch.seq] = batch
+            self.pool.send(batch)
+
+    def _next_batch(self) -> Batch | None:
+        if self._requeued:
+            run, task = self._requeued.popleft()
+            return Batch(run, [task])
+        if self._retries and self._retries[0][0] <= time.monotonic():
+            _, _, run, task = heapq.heappop(self._retries)
+            return Batch(run, [task])
+        for _ in range(len(self._runs)):
+            self._turn = (self._turn + 1) % len(self._runs)
+            run = self._runs[self._turn]
+            if run.exhausted or run.cancelled:
+                continue
+            count = min(run.batch_size(self.workers), run.room())
+            if count <= 0:
+                continue
+            tasks = run.take(count)
+            if tasks:
+                return Batch(run, tasks)
+        return None
+
+    def _finish_runs(self) -> None:
+        for run in [r for r in self._runs if r.exhausted and r.in_flight == 0]:
+            self._runs.remove(run)
+            run.sink.finish(run)
+            run.finished.set()

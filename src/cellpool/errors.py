@@ -1,0 +1,28 @@
+"""Exceptions that describe what happened to a task outside its own code."""
+
+from __future__ import annotations
+
+
+class TaskTimeout(TimeoutError):
+    """A task ran past the executor's ``timeout``."""
+
+
+class WorkerCrashed(RuntimeError):
+    """The worker process running a task died (segfault, ``os._exit``, a kill)."""
+
+
+class TaskCancelled(Exception):
+    """A task was cancelled before it could finish."""
+
+
+class RemoteError(Exception):
+    """A task's exception that could not be rebuilt in this process.
+
+    It keeps the original class name, message and traceback text.
+    """
+
+    def __init__(self, error_type: str, message: str, traceback: str | None = None):
+        super().__init__(f"{error_type}: {message}")
+        self.error_type = error_type
+        self.message = message
+        self.traceback = traceback

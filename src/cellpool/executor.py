@@ -1,0 +1,332 @@
+"""``Executor`` and ``Job``: the public face of cellpool."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent import futures
+from typing import Any
+
+from . import options as check
+from .dispatch import AddRun, CancelRun, Dispatcher, Run, Shutdown, Wake
+from .monitor import Sampler
+from .pool.base import Pool
+from .pool.thread import ThreadPool
+from .results import Results
+from .sinks import FutureSink, OrderedSink, RecordSink
+from .view import TextProgress, make_view, normalize_progress
+
+REFRESH = 0.1  # seconds between progress redraws: at most ten a second
+INTERRUPT_GRACE = 2.0  # how long Ctrl-C waits for the stop before re-raising
+PENDING_PER_WORKER = 256  # default max_pending: bounded, yet room for batches of tiny tasks
+RUN_OPTIONS = ("timeout", "retries", "retry_on", "max_pending", "progress", "total")
+
+
+class Job:
+    """A ``start``-ed run going on in the background.
+
+    Await it, or call ``result()``; ``partial()`` gives the records finished so far.
+    """
+
+    def __init__(self, run: Run, sink: RecordSink, executor: Executor, view: Any) -> None:
+        self._run = run
+        self._sink = sink
+        self._executor = executor
+        self._view_thread: threading.Thread | None = None
+        if view is not None:
+            self._view_thread = threading.Thread(
+                target=self._show, args=(view,), name="cellpool-progress", daemon=True
+            )
+            self._view_thread.start()
+
+    def _show(self, view: TextProgress) -> None:
+        while not self._run.finished.wait(REFRESH):
+            view.update()
+        view.update(final=True)
+
+    def result(self, timeout: float | None = None) -> Results:
+        """Wait for the run to end and return every record.
+
+        Raises ``TimeoutError`` if it has not ended within ``timeout`` seconds, and the
+        input's own exception if iterating the input failed (its ``.results`` holds the
+        records of the items read before).
+        """
+        try:
+            return self._sink.future.result(timeout)
+        finally:
+            if self._sink.future.done() and self._view_thread is not None:
+                self._view_thread.join()
+
+    def cancel(self) -> bool:
+        """Stop the run: pending tasks are cancelled, running process tasks killed.
+
+        Returns False if the run had already ended.
+        """
+        if self.done():
+            return False
+        self._executor._dispatcher.post(CancelRun(self._run, kill=True))
+        return True
+
+    def done(self) -> bool:
+        """True once every input has its record."""
+        return self._sink.future.done()
+
+    def partial(self) -> Results:
+        """The records finished so far, in input order."""
+        return self._sink.snapshot()
+
+    def __await__(self) -> Generator[Any, None, Results]:
+        return asyncio.wrap_future(self._sink.future).__await__()
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "running"
+        total = "?" if self._run.total is None else self._run.total
+        return f"<cellpool.Job {state}: {self._run.done}/{total} done, {self._run.failed} failed>"
+
+
+class Executor(futures.Executor):
+    """A pool of workers that runs functions over many inputs, one record per input.
+
+    A ``concurrent.futures.Executor`` (``submit``, ``map``, ``shutdown``, ``with``) with
+    ``run`` (block, get ``Results``) and ``start`` (get a ``Job`` at once) added.
+    See the README for every option.
+    """
+
+    def __init__(
+        self,
+        kind: str = "thread",
+        workers: int | None = None,
+        *,
+        timeout: float | None = None,
+        retries: int = 0,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+        memory_limit: int | str | None = None,
+        fd_limit: int | None = None,
+        min_available_memory: float | int = 0.10,
+        max_tasks_per_worker: int | None = None,
+        max_pending: int | None = None,
+        threads_per_worker: int = 1,
+        concurrency: int | None = None,
+        progress: str | bool = "auto",
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple = (),
+        start_method: str | None = None,
+        address: str | None = None,
+        client: Any = None,
+    ) -> None:
+        self.kind = check.check_kind(kind)
+        self.workers = check.positive_int(
+            "workers", check.default_workers(kind) if workers is None else workers
+        )
+        self._defaults = {
+            "timeout": check.optional_seconds("timeout", timeout),
+            "retries": check.non_negative_int("retries", retries),
+            "retry_on": check.exception_types(retry_on),
+            "max_pending": check.positive_int(
+                "max_pending", max_pending or PENDING_PER_WORKER * self.workers
+            ),
+            "progress": normalize_progress(progress),
+        }
+        unsupported = {
+            "memory_limit": memory_limit is not None,
+            "fd_limit": fd_limit is not None,
+            "min_available_memory": min_available_memory != 0.10,
+            "max_tasks_per_worker": max_tasks_per_worker is not None,
+            "threads_per_worker": threads_per_worker != 1,
+            "concurrency": concurrency is not None,
+            "start_method": start_method is not None,
+            "address": address is not None,
+            "client": client is not None,
+        }
+        for name, given in unsupported.items():
+            if given:
+                raise NotImplementedError(f"{name} is not supported by this version of cellpool")
+        if initializer is not None:
+            check.callable_fn("initializer", initializer)
+        self._sampler = Sampler()
+        self._pool = self._make_pool(initializer, tuple(initargs))
+        self._dispatcher = Dispatcher(self._pool, self.workers)
+        self._shutdown_lock = threading.Lock()
+        self._closed = False
+
+    def _make_pool(self, initializer: Callable[..., Any] | None, initargs: tuple) -> Pool:
+        if self.kind == "thread":
+            return ThreadPool(self.workers, self._post, initializer, initargs)
+        raise NotImplementedError(
+            f"kind={self.kind!r} is not supported by this version of cellpool"
+        )
+
+    def _post(self, event: Any) -> None:
+        self._dispatcher.post(event)
+
+    def _options(self, caller: str, opts: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(opts) - set(RUN_OPTIONS))
+        if unknown:
+            raise TypeError(f"{caller}() got an unexpected option {unknown[0]!r}")
+        merged = {**self._defaults, "total": None}
+        for name, value in opts.items():
+            if name == "timeout":
+                merged[name] = check.optional_seconds(name, value)
+            elif name == "retries":
+                merged[name] = check.non_negative_int(name, value)
+            elif name == "retry_on":
+                merged[name] = check.exception_types(value)
+            elif name == "progress":
+                merged[name] = normalize_progress(value)
+            elif value is not None:
+                merged[name] = check.positive_int(name, value)
+        return merged
+
+    @staticmethod
+    def _inputs(
+        caller: str, fn: Callable[..., Any], iterables: Iterable[Any]
+    ) -> tuple[Iterator[tuple[Any, tuple]], int | None]:
+        """(item, arguments) pairs over the inputs, and how many there are if known."""
+        check.callable_fn(caller, fn)
+        its, total = check.iterators(caller, iterables)
+        if len(its) == 1:
+            return ((x, (x,)) for x in its[0]), total
+        return ((args, args) for args in zip(*its, strict=True)), total
+
+    def _new_run(
+        self,
+        caller: str,
+        fn: Callable[..., Any],
+        inputs: Iterator[tuple[Any, tuple]],
+        total: int | None,
+        sink: Any,
+        opts: dict[str, Any],
+    ) -> Run:
+        with self._shutdown_lock:
+            if self._closed:
+                raise RuntimeError(f"cannot call {caller}() after shutdown")
+            run = Run(
+                fn,
+                inputs,
+                opts["total"] if total is None else total,
+                sink,
+                timeout=opts["timeout"],
+                retries=opts["retries"],
+                retry_on=opts["retry_on"],
+                max_pending=opts["max_pending"],
+            )
+            self._dispatcher.post(AddRun(run))
+        return run
+
+    # -- concurrent.futures --------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
+        """Run ``fn(*args, **kwargs)`` on a worker; returns a ``Future`` for its value."""
+        check.callable_fn("submit", fn)
+        future: futures.Future[Any] = futures.Future()
+        call = functools.partial(fn, **kwargs) if kwargs else fn
+        opts = self._options("submit", {})
+        run = self._new_run("submit", call, iter([(args, args)]), 1, FutureSink(future), opts)
+        future.add_done_callback(
+            lambda f: f.cancelled() and self._dispatcher.post(CancelRun(run, kill=False))
+        )
+        return future
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
+        """Values of ``fn`` over the inputs, in input order, as they become ready.
+
+        The input is read lazily: at most ``max_pending`` tasks are in flight or waiting
+        to be consumed. The first failure is raised when it is reached. ``chunksize`` is
+        accepted for compatibility; cellpool sizes its batches from measured task times.
+        """
+        inputs, total = self._inputs("map", fn, iterables)
+        sink = OrderedSink()
+        run = self._new_run("map", fn, inputs, total, sink, self._options("map", {}))
+        deadline = None if timeout is None else run.created + timeout
+        return self._ordered_values(run, sink, deadline)
+
+    def _ordered_values(
+        self, run: Run, sink: OrderedSink, deadline: float | None
+    ) -> Generator[Any, None, None]:
+        try:
+            while True:
+                try:
+                    ok, value = sink.next(deadline)
+                except StopIteration:
+                    return
+                self._dispatcher.post(Wake())
+                if not ok:
+                    raise value
+                yield value
+        finally:
+            if not run.finished.is_set():
+                self._dispatcher.post(CancelRun(run, kill=False))
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop the workers once the work submitted so far is done.
+
+        With ``cancel_futures``, tasks not yet started are cancelled. With ``wait``,
+        return only when every worker thread and process is gone.
+        """
+        with self._shutdown_lock:
+            if not self._closed:
+                self._closed = True
+                self._dispatcher.post(Shutdown(cancel_futures))
+        if wait:
+            self._dispatcher.thread.join()
+
+    # -- cellpool ------------------------------------------------------------------
+
+    def start(self, fn: Callable[..., Any], *iterables: Iterable[Any], **opts: Any) -> Job:
+        """Start ``fn`` over the inputs and return a ``Job`` at once.
+
+        ``opts`` override the executor's ``timeout``, ``retries``, ``retry_on``,
+        ``max_pending`` and ``progress`` for this run; ``total`` tells the progress view
+        how many inputs a generator will yield.
+        """
+        merged = self._options("start", opts)
+        inputs, total = self._inputs("start", fn, iterables)
+        sink = RecordSink()
+        run = self._new_run("start", fn, inputs, total, sink, merged)
+        name = getattr(fn, "__name__", type(fn).__name__)
+        view = make_view(merged["progress"], run, f"{name} [{self.kind} x{self.workers}]")
+        return Job(run, sink, self, view)
+
+    def run(self, fn: Callable[..., Any], *iterables: Iterable[Any], **opts: Any) -> Results:
+        """Run ``fn`` over the inputs and return a record for every input.
+
+        Never raises for a task's failure: look at ``Results.errors``. On Ctrl-C (a
+        kernel interrupt) the run is cancelled and running process tasks are killed
+        before ``KeyboardInterrupt`` propagates.
+        """
+        job = self.start(fn, *iterables, **opts)
+        try:
+            return job.result()
+        except KeyboardInterrupt:
+            job.cancel()
+            job._run.finished.wait(INTERRUPT_GRACE)
+            raise
+
+    def workers_info(self) -> list[dict[str, Any]]:
+        """The latest figures for each worker; see the README for the fields."""
+        return self._sampler.enrich(self._pool.workers_info())
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._closed else "running"
+        return f"<cellpool.Executor kind={self.kind!r} workers={self.workers} {state}>"
+
+
+def run(
+    fn: Callable[..., Any],
+    *iterables: Iterable[Any],
+    kind: str = "thread",
+    workers: int | None = None,
+    **opts: Any,
+) -> Results:
+    """Run ``fn`` over the inputs on a temporary executor; see ``Executor.run``."""
+    run_opts = {name: opts.pop(name) for name in ("total",) if name in opts}
+    with Executor(kind, workers, **opts) as executor:
+        return executor.run(fn, *iterables, **run_opts)

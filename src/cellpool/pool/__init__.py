@@ -1,0 +1,1 @@
+"""Worker pools, one module per kind, behind the interface in ``base``."""

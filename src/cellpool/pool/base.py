@@ -1,0 +1,91 @@
+"""The interface between the dispatcher and a kind of worker pool.
+
+The dispatcher thread owns every scheduling decision and calls a pool's methods only
+from that thread. A pool's workers (threads, or a reader thread for processes) report
+back only by posting ``Completed`` and ``WorkerLost`` events.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..tasks import Batch, Outcome
+
+
+@dataclass(slots=True)
+class Completed:
+    """Outcomes of ``batch`` positions ``start``, ``start + 1``, ...; ``final`` when none remain."""
+
+    batch: Batch
+    start: int
+    outcomes: list[Outcome]
+    worker: str
+    pid: int
+    final: bool = True
+
+
+@dataclass(slots=True)
+class WorkerLost:
+    """A worker stopped with tasks unfinished.
+
+    ``culprit`` is the (batch, position) it was running, if any: that task ends with
+    ``status``. The tasks in ``unfinished`` (batch, first position not reported) never
+    ran to completion and go to other workers without counting an attempt.
+    """
+
+    worker: str
+    pid: int
+    status: str
+    reason: str
+    culprit: tuple[Batch, int] | None
+    unfinished: list[tuple[Batch, int]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Running:
+    """A task a worker is running now."""
+
+    worker: str
+    batch: Batch
+    position: int
+    started: float
+
+
+Report = Callable[[Any], None]
+
+
+class Pool(ABC):
+    """Workers of one kind. Every method is called from the dispatcher thread."""
+
+    kind: str
+
+    @abstractmethod
+    def capacity(self) -> int:
+        """How many more batches the pool takes now (queued plus prefetched)."""
+
+    @abstractmethod
+    def send(self, batch: Batch) -> None:
+        """Hand a batch to a worker; outcomes come back as events."""
+
+    @abstractmethod
+    def settle(self, event: Completed | WorkerLost) -> None:
+        """Update the pool's own bookkeeping for an event it posted."""
+
+    @abstractmethod
+    def running(self) -> list[Running]:
+        """The tasks running now, for timeout checks."""
+
+    @abstractmethod
+    def stop(self, worker: str, status: str, reason: str) -> None:
+        """Stop the task running on ``worker``; a ``WorkerLost`` event follows if it can."""
+
+    @abstractmethod
+    def workers_info(self) -> list[dict[str, Any]]:
+        """A row per worker, with the fields of ``Executor.workers_info``."""
+
+    @abstractmethod
+    def shutdown(self, wait: bool) -> None:
+        """Stop every worker; with ``wait``, return only once they are gone."""

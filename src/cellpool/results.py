@@ -1,0 +1,385 @@
+"""Task records: one ``TaskResult`` per input, held in a compact ``Results`` sequence.
+
+A million records as separate objects cost about 300 MB; ``Results`` keeps them as
+columns (arrays of numbers, lists of values) and builds each ``TaskResult`` when it is
+read, so a run over a huge input stays small after it ends as well as while it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import math
+import sys
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple, overload
+
+from .errors import RemoteError, TaskCancelled, TaskTimeout, WorkerCrashed
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+STATUSES = ("ok", "error", "timeout", "crashed", "cancelled")
+_CODE = {status: code for code, status in enumerate(STATUSES)}
+_UNFILLED = 255
+_NAN = math.nan
+_FAILURE_ROWS = 20
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskResult:
+    """What happened to one input.
+
+    ``status`` is one of ``"ok"``, ``"error"``, ``"timeout"``, ``"crashed"`` (the worker
+    died) or ``"cancelled"``. ``value`` is set only when ok; ``error_type``, ``error`` and
+    ``traceback`` only when not. Times are epoch seconds.
+    """
+
+    index: int
+    item: Any
+    status: str
+    value: Any = None
+    error_type: str | None = None
+    error: str | None = None
+    traceback: str | None = None
+    worker: str | None = None
+    pid: int | None = None
+    attempts: int = 0
+    started: float | None = None
+    finished: float | None = None
+    duration: float | None = None
+
+
+FIELDS = tuple(field.name for field in dataclasses.fields(TaskResult))
+
+
+class Failure(NamedTuple):
+    """Why a task did not succeed; ``exception`` is the live object when one exists here."""
+
+    error_type: str
+    error: str
+    traceback: str | None = None
+    exception: BaseException | None = None
+
+
+_STATUS_EXCEPTIONS = {"timeout": TaskTimeout, "crashed": WorkerCrashed, "cancelled": TaskCancelled}
+
+
+def exception_of(status: str, failure: Failure) -> BaseException:
+    """The exception a failed record stands for: the task's own when it is here."""
+    if failure.exception is not None:
+        return failure.exception
+    if status in _STATUS_EXCEPTIONS:
+        return _STATUS_EXCEPTIONS[status](failure.error)
+    return RemoteError(failure.error_type, failure.error, failure.traceback)
+
+
+def last_traceback_line(traceback: str | None) -> str:
+    """The innermost ``File "...", line N, in f`` line of a formatted traceback."""
+    if not traceback:
+        return ""
+    frames = [line.strip() for line in traceback.splitlines() if line.startswith('  File "')]
+    return frames[-1] if frames else ""
+
+
+class Results(Sequence[TaskResult]):
+    """The records of a run, one per input, in input order.
+
+    A read-only sequence of ``TaskResult``: index it, slice it, iterate it, compare it
+    with a list, or pass it to ``pandas.DataFrame``.
+    """
+
+    __slots__ = (
+        "_attempts",
+        "_failure",
+        "_finished",
+        "_index",
+        "_item",
+        "_started",
+        "_status",
+        "_value",
+        "_worker",
+        "_worker_codes",
+        "_workers",
+    )
+
+    def __init__(self, records: Iterable[TaskResult] = ()) -> None:
+        self._index = array("q")
+        self._item: list[Any] = []
+        self._status = bytearray()
+        self._value: list[Any] = []
+        self._failure: dict[int, Failure] = {}
+        self._worker = array("I")
+        self._workers: list[tuple[str | None, int | None]] = [(None, None)]
+        self._worker_codes: dict[tuple[str | None, int | None], int] = {(None, None): 0}
+        self._attempts = array("I")
+        self._started = array("d")
+        self._finished = array("d")
+        for record in records:
+            failure = None
+            if record.status != "ok":
+                failure = Failure(record.error_type or "", record.error or "", record.traceback)
+            self._put(
+                len(self._status),
+                record.index,
+                record.item,
+                record.status,
+                record.value,
+                failure,
+                record.worker,
+                record.pid,
+                record.attempts,
+                record.started,
+                record.finished,
+            )
+
+    # -- filling (the executor's side) ---------------------------------------------
+
+    def _put(
+        self,
+        position: int,
+        index: int,
+        item: Any,
+        status: str,
+        value: Any,
+        failure: Failure | None,
+        worker: str | None,
+        pid: int | None,
+        attempts: int,
+        started: float | None,
+        finished: float | None,
+    ) -> None:
+        if position >= len(self._status):
+            self._grow(position + 1)
+        key = (worker, pid)
+        code = self._worker_codes.get(key)
+        if code is None:
+            code = self._worker_codes[key] = len(self._workers)
+            self._workers.append(key)
+        self._index[position] = index
+        self._item[position] = item
+        self._status[position] = _CODE[status]
+        self._value[position] = value
+        if failure is not None:
+            self._failure[position] = failure
+        self._worker[position] = code
+        self._attempts[position] = attempts
+        self._started[position] = _NAN if started is None else started
+        self._finished[position] = _NAN if finished is None else finished
+
+    def _grow(self, size: int) -> None:
+        extra = size - len(self._status)
+        self._index.extend(range(len(self._status), size))
+        self._item.extend([None] * extra)
+        self._status.extend(bytes([_UNFILLED]) * extra)
+        self._value.extend([None] * extra)
+        zeros = array("I", bytes(4 * extra))
+        self._worker.extend(zeros)
+        self._attempts.extend(zeros)
+        self._started.extend(array("d", [_NAN]) * extra)
+        self._finished.extend(array("d", [_NAN]) * extra)
+
+    def _filled(self) -> Results:
+        """The records written so far (a run in progress has gaps)."""
+        status = self._status
+        return self._select([p for p in range(len(status)) if status[p] != _UNFILLED])
+
+    def _select(self, positions: Iterable[int]) -> Results:
+        out = Results()
+        out._workers = list(self._workers)
+        out._worker_codes = dict(self._worker_codes)
+        for position in positions:
+            out._index.append(self._index[position])
+            out._item.append(self._item[position])
+            out._status.append(self._status[position])
+            out._value.append(self._value[position])
+            failure = self._failure.get(position)
+            if failure is not None:
+                out._failure[len(out._status) - 1] = failure
+            out._worker.append(self._worker[position])
+            out._attempts.append(self._attempts[position])
+            out._started.append(self._started[position])
+            out._finished.append(self._finished[position])
+        return out
+
+    # -- reading -------------------------------------------------------------------
+
+    def _record(self, position: int) -> TaskResult:
+        failure = self._failure.get(position)
+        worker, pid = self._workers[self._worker[position]]
+        started, finished = self._started[position], self._finished[position]
+        timed = not (math.isnan(started) or math.isnan(finished))
+        return TaskResult(
+            index=self._index[position],
+            item=self._item[position],
+            status=STATUSES[self._status[position]],
+            value=self._value[position],
+            error_type=failure.error_type if failure else None,
+            error=failure.error if failure else None,
+            traceback=failure.traceback if failure else None,
+            worker=worker,
+            pid=pid,
+            attempts=self._attempts[position],
+            started=None if math.isnan(started) else started,
+            finished=None if math.isnan(finished) else finished,
+            duration=finished - started if timed else None,
+        )
+
+    def __len__(self) -> int:
+        return len(self._status)
+
+    @overload
+    def __getitem__(self, key: int) -> TaskResult: ...
+    @overload
+    def __getitem__(self, key: slice) -> Results: ...
+    def __getitem__(self, key: int | slice) -> TaskResult | Results:
+        if isinstance(key, slice):
+            return self._select(range(len(self))[key])
+        size = len(self)
+        if not -size <= key < size:
+            raise IndexError("Results index out of range")
+        return self._record(key % size)
+
+    def __iter__(self) -> Iterator[TaskResult]:
+        for position in range(len(self)):
+            yield self._record(position)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def values(self) -> list[Any]:
+        """Every task's value, in input order; ``None`` where a task failed."""
+        return list(self._value)
+
+    @property
+    def errors(self) -> Results:
+        """The records whose status is not ``"ok"``."""
+        ok = _CODE["ok"]
+        status = self._status
+        return self._select([p for p in range(len(status)) if status[p] != ok])
+
+    @property
+    def ok(self) -> bool:
+        """True when every task succeeded."""
+        return self._status.count(_CODE["ok"]) == len(self._status)
+
+    def counts(self) -> dict[str, int]:
+        """How many records have each status (only the statuses present)."""
+        counts = {status: self._status.count(code) for status, code in _CODE.items()}
+        return {status: n for status, n in counts.items() if n}
+
+    def wall_time(self) -> float | None:
+        """Seconds from the first task's start to the last one's finish."""
+        started = [t for t in self._started if not math.isnan(t)]
+        finished = [t for t in self._finished if not math.isnan(t)]
+        if not started or not finished:
+            return None
+        return max(finished) - min(started)
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """Plain dicts, one per record, with the ``TaskResult`` field names as keys."""
+        return [{name: getattr(record, name) for name in FIELDS} for record in self]
+
+    def to_dataframe(self) -> Any:
+        """A ``pandas.DataFrame`` with one row per record (needs pandas)."""
+        try:
+            import pandas
+        except ImportError:
+            raise ImportError(
+                'to_dataframe() needs pandas: pip install "cellpool[pandas]"'
+            ) from None
+        failures = [self._failure.get(p) for p in range(len(self))]
+        workers = [self._workers[code] for code in self._worker]
+        started = [None if math.isnan(t) else t for t in self._started]
+        finished = [None if math.isnan(t) else t for t in self._finished]
+        columns = {
+            "index": list(self._index),
+            "item": list(self._item),
+            "status": [STATUSES[code] for code in self._status],
+            "value": list(self._value),
+            "error_type": [f.error_type if f else None for f in failures],
+            "error": [f.error if f else None for f in failures],
+            "traceback": [f.traceback if f else None for f in failures],
+            "worker": [worker for worker, _ in workers],
+            "pid": pandas.array([pid for _, pid in workers], dtype="Int64"),
+            "attempts": list(self._attempts),
+            "started": started,
+            "finished": finished,
+            "duration": [
+                None if s is None or f is None else f - s
+                for s, f in zip(started, finished, strict=True)
+            ],
+        }
+        return pandas.DataFrame(columns, columns=list(FIELDS))
+
+    def exceptions(self) -> list[BaseException]:
+        """One exception per failed record: the task's own when it could travel here."""
+        return [
+            exception_of(STATUSES[self._status[p]], failure)
+            for p, failure in sorted(self._failure.items())
+        ]
+
+    def raise_errors(self) -> None:
+        """Raise an ``ExceptionGroup`` of every failure; do nothing when all succeeded."""
+        failures = self.exceptions()
+        if failures:
+            raise BaseExceptionGroup(f"{len(failures)} of {len(self)} tasks failed", failures)
+
+    # -- display -------------------------------------------------------------------
+
+    def summary(self) -> str:
+        """One line: how many tasks, how many of each status, and the wall time."""
+        counts = ", ".join(f"{n} {status}" for status, n in self.counts().items())
+        line = f"{len(self)} tasks" + (f": {counts}" if counts else "")
+        wall = self.wall_time()
+        return line + (f" in {wall:.2f} s" if wall is not None else "")
+
+    def _failure_rows(self) -> list[TaskResult]:
+        return [self._record(p) for p in sorted(self._failure)[:_FAILURE_ROWS]]
+
+    def __repr__(self) -> str:
+        lines = [f"Results({self.summary()})"]
+        for record in self._failure_rows()[:5]:
+            where = last_traceback_line(record.traceback)
+            lines.append(
+                f"  [{record.index}] {record.status}: {record.error_type}: {record.error}"
+                + (f"  ({where})" if where else "")
+            )
+        hidden = len(self._failure) - min(len(self._failure), 5)
+        if hidden:
+            lines.append(f"  ... and {hidden} more; see results.errors")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        escape = html.escape
+        parts = [
+            '<div class="cellpool-results">',
+            f"<p><b>cellpool</b> {escape(self.summary())}</p>",
+        ]
+        rows = self._failure_rows()
+        if rows:
+            parts.append(
+                "<table><thead><tr><th>index</th><th>item</th><th>status</th><th>error</th>"
+                "<th>where</th><th>worker</th><th>attempts</th></tr></thead><tbody>"
+            )
+            for r in rows:
+                item = repr(r.item)
+                item = item if len(item) <= 60 else item[:57] + "..."
+                parts.append(
+                    f"<tr><td>{r.index}</td><td>{escape(item)}</td><td>{r.status}</td>"
+                    f"<td>{escape(f'{r.error_type}: {r.error}')}</td>"
+                    f"<td><code>{escape(last_traceback_line(r.traceback))}</code></td>"
+                    f"<td>{escape(str(r.worker or ''))}</td><td>{r.attempts}</td></tr>"
+                )
+            parts.append("</tbody></table>")
+            hidden = len(self._failure) - len(rows)
+            if hidden:
+                parts.append(f"<p>... and {hidden} more failures; see <code>.errors</code></p>")
+        parts.append("</div>")
+        return "".join(parts)
