@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .errors import TaskCancelled, TaskTimeout, WorkerCrashed
@@ -139,8 +139,15 @@ class AddRun:
 
 @dataclass(slots=True)
 class CancelRun:
+    """Stop a run. What happens to its running tasks is ``running``:
+
+    ``"kill"`` stops them (a process is killed; a thread cannot be and runs on, its
+    outcome ignored), ``"drop"`` records them cancelled and ignores their outcome,
+    ``"finish"`` lets them finish and records their outcome.
+    """
+
     run: Run
-    kill: bool  # also stop its running tasks (processes are killed; threads run on)
+    running: str
 
 
 @dataclass(slots=True)
@@ -151,6 +158,7 @@ class Wake:
 @dataclass(slots=True)
 class Shutdown:
     cancel_futures: bool
+    handled: threading.Event = field(default_factory=threading.Event)
 
 
 def backoff(attempt: int) -> float:
@@ -167,7 +175,6 @@ class Dispatcher:
         self.workers = workers
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._runs: list[Run] = []
-        self._turn = 0
         self._batches: dict[int, Batch] = {}
         self._requeued: deque[tuple[Run, Task]] = deque()
         self._retries: list[tuple[float, int, Run, Task]] = []
@@ -203,6 +210,7 @@ class Dispatcher:
             self._fill()
             self._finish_runs()
             if self._closing and not self._runs:
+                self.pool.shutdown(wait=True)
                 return
 
     def _wait(self) -> float | None:
@@ -220,17 +228,21 @@ class Dispatcher:
         run = event.run
         if run not in self._runs:
             return  # already finished
-        run.cancelled = True
-        if event.kill:
-            for busy in self.pool.running():
-                if busy.batch.run is run:
-                    self.pool.stop(busy.worker, "cancelled", "the run was cancelled")
+        run.cancelled = True  # set first: a worker thread checks it before each task
+        running = [busy for busy in self.pool.running() if busy.batch.run is run]
+        if event.running == "kill":
+            for busy in running:
+                self.pool.stop(busy.worker, "cancelled", "the run was cancelled")
+        finishing = {(b.batch.seq, b.position) for b in running if event.running == "finish"}
         for batch in [b for b in self._batches.values() if b.run is run]:
             for position in range(len(batch.tasks)):
+                if (batch.seq, position) in finishing:
+                    continue
                 task = batch.resolve(position)
                 if task is not None:
                     self._cancel_task(run, task)
-            self._close(batch)
+            if batch.unresolved == 0:
+                self._close(batch)
         for entry in [e for e in self._requeued if e[0] is run]:
             self._requeued.remove(entry)
             self._cancel_task(run, entry[1])
@@ -308,7 +320,8 @@ class Dispatcher:
         self._closing = True
         if event.cancel_futures:
             for run in list(self._runs):
-                self._cancel_run(CancelRun(run, kill=False))
+                self._cancel_run(CancelRun(run, running="finish"))
+        event.handled.set()
 
     # -- helpers -------------------------------------------------------------------
 
@@ -362,9 +375,7 @@ class Dispatcher:
         if self._retries and self._retries[0][0] <= time.monotonic():
             _, _, run, task = heapq.heappop(self._retries)
             return Batch(run, [task])
-        for _ in range(len(self._runs)):
-            self._turn = (self._turn + 1) % len(self._runs)
-            run = self._runs[self._turn]
+        for run in self._runs:  # first come, first served, as concurrent.futures users expect
             if run.exhausted or run.cancelled:
                 continue
             count = min(run.batch_size(self.workers), run.room())

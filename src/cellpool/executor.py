@@ -66,7 +66,7 @@ class Job:
         """
         if self.done():
             return False
-        self._executor._dispatcher.post(CancelRun(self._run, kill=True))
+        self._executor._dispatcher.post(CancelRun(self._run, running="kill"))
         return True
 
     def done(self) -> bool:
@@ -225,7 +225,7 @@ class Executor(futures.Executor):
         opts = self._options("submit", {})
         run = self._new_run("submit", call, iter([(args, args)]), 1, FutureSink(future), opts)
         future.add_done_callback(
-            lambda f: f.cancelled() and self._dispatcher.post(CancelRun(run, kill=False))
+            lambda f: f.cancelled() and self._dispatcher.post(CancelRun(run, running="drop"))
         )
         return future
 
@@ -263,7 +263,7 @@ class Executor(futures.Executor):
                 yield value
         finally:
             if not run.finished.is_set():
-                self._dispatcher.post(CancelRun(run, kill=False))
+                self._dispatcher.post(CancelRun(run, running="drop"))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop the workers once the work submitted so far is done.
@@ -274,7 +274,9 @@ class Executor(futures.Executor):
         with self._shutdown_lock:
             if not self._closed:
                 self._closed = True
-                self._dispatcher.post(Shutdown(cancel_futures))
+                event = Shutdown(cancel_futures)
+                self._dispatcher.post(event)
+                event.handled.wait()  # pending work is cancelled before we return
         if wait:
             self._dispatcher.thread.join()
 
@@ -304,6 +306,10 @@ class Executor(futures.Executor):
         """
         job = self.start(fn, *iterables, **opts)
         try:
+            # A timed wait: signal handlers (Ctrl-C, a kernel interrupt) run between waits
+            # even when the signal reached another thread.
+            while not job._run.finished.wait(REFRESH):
+                pass
             return job.result()
         except KeyboardInterrupt:
             job.cancel()

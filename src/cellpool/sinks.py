@@ -148,6 +148,8 @@ class FutureSink:
         try:
             if failure is None:
                 self.future.set_result(value)
+            elif status == "cancelled":
+                self.future.cancel()
             else:
                 self.future.set_exception(exception_of(status, failure))
         except InvalidStateError:

@@ -1,0 +1,51 @@
+"""Shared fixtures: every test must leave no worker thread, child process or fd behind."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import psutil
+import pytest
+
+
+def cellpool_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("cellpool-")]
+
+
+def multiprocessing_helpers() -> set[int]:
+    """The forkserver and resource tracker: shared by every pool of this interpreter."""
+    from multiprocessing import forkserver, resource_tracker
+
+    pids = {forkserver._forkserver._forkserver_pid, resource_tracker._resource_tracker._pid}
+    return {pid for pid in pids if pid}
+
+
+def worker_processes() -> list[psutil.Process]:
+    helpers = multiprocessing_helpers()
+    return [p for p in psutil.Process().children(recursive=True) if p.pid not in helpers]
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def settle(check, seconds: float = 5.0):
+    """Poll ``check`` until it returns a falsy value or ``seconds`` pass; return the last."""
+    deadline = time.monotonic() + seconds
+    while (leftover := check()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return leftover
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Fail a test that leaves cellpool threads, worker processes or fds behind."""
+    fds_before = open_fds()
+    yield
+    assert not settle(cellpool_threads), f"threads left: {cellpool_threads()}"
+    assert not settle(worker_processes), f"processes left: {worker_processes()}"
+    assert settle(lambda: open_fds() > fds_before) is False, (
+        f"fds left: {open_fds()} open, {fds_before} before"
+    )
