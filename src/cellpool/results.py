@@ -57,8 +57,8 @@ FIELDS = tuple(field.name for field in dataclasses.fields(TaskResult))
 class Failure(NamedTuple):
     """Why a task did not succeed; ``exception`` is the live object when one exists here."""
 
-    error_type: str
-    error: str
+    error_type: str | None
+    error: str | None
     traceback: str | None = None
     exception: BaseException | None = None
 
@@ -92,6 +92,7 @@ class Results(Sequence[TaskResult]):
 
     __slots__ = (
         "_attempts",
+        "_duration",
         "_failure",
         "_finished",
         "_index",
@@ -110,6 +111,7 @@ class Results(Sequence[TaskResult]):
         self._status = bytearray()
         self._value: list[Any] = []
         self._failure: dict[int, Failure] = {}
+        self._duration: dict[int, float | None] = {}  # given durations unlike finished - started
         self._worker = array("I")
         self._workers: list[tuple[str | None, int | None]] = [(None, None)]
         self._worker_codes: dict[tuple[str | None, int | None], int] = {(None, None): 0}
@@ -117,11 +119,12 @@ class Results(Sequence[TaskResult]):
         self._started = array("d")
         self._finished = array("d")
         for record in records:
+            position = len(self._status)
             failure = None
             if record.status != "ok":
-                failure = Failure(record.error_type or "", record.error or "", record.traceback)
+                failure = Failure(record.error_type, record.error, record.traceback)
             self._put(
-                len(self._status),
+                position,
                 record.index,
                 record.item,
                 record.status,
@@ -133,6 +136,8 @@ class Results(Sequence[TaskResult]):
                 record.started,
                 record.finished,
             )
+            if record.duration != self._record(position).duration:
+                self._duration[position] = record.duration
 
     # -- filling (the executor's side) ---------------------------------------------
 
@@ -197,6 +202,8 @@ class Results(Sequence[TaskResult]):
             failure = self._failure.get(position)
             if failure is not None:
                 out._failure[len(out._status) - 1] = failure
+            if position in self._duration:
+                out._duration[len(out._status) - 1] = self._duration[position]
             out._worker.append(self._worker[position])
             out._attempts.append(self._attempts[position])
             out._started.append(self._started[position])
@@ -210,6 +217,7 @@ class Results(Sequence[TaskResult]):
         worker, pid = self._workers[self._worker[position]]
         started, finished = self._started[position], self._finished[position]
         timed = not (math.isnan(started) or math.isnan(finished))
+        duration = finished - started if timed else None
         return TaskResult(
             index=self._index[position],
             item=self._item[position],
@@ -223,7 +231,7 @@ class Results(Sequence[TaskResult]):
             attempts=self._attempts[position],
             started=None if math.isnan(started) else started,
             finished=None if math.isnan(finished) else finished,
-            duration=finished - started if timed else None,
+            duration=self._duration.get(position, duration),
         )
 
     def __len__(self) -> int:
@@ -312,8 +320,8 @@ class Results(Sequence[TaskResult]):
             "started": started,
             "finished": finished,
             "duration": [
-                None if s is None or f is None else f - s
-                for s, f in zip(started, finished, strict=True)
+                self._duration.get(p, None if s is None or f is None else f - s)
+                for p, (s, f) in enumerate(zip(started, finished, strict=True))
             ],
         }
         return pandas.DataFrame(columns, columns=list(FIELDS))
