@@ -16,14 +16,14 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .errors import TaskCancelled, TaskTimeout, WorkerCrashed
 from .pool.base import Completed, Pool, WorkerLost
 from .results import Failure
-from .tasks import Batch, Outcome, Task
+from .tasks import Batch, Task
 
 TARGET_BATCH_SECONDS = 0.01  # tiny tasks travel in batches of about this much work
 BACKOFF_BASE = 0.1  # first retry after about this long, doubling per attempt
@@ -54,18 +54,39 @@ class Sink(Protocol):
         finished: float | None,
     ) -> None: ...
 
+    def put_many(
+        self,
+        indices: Sequence[int],
+        items: list[Any],
+        attempts: int | list[int],
+        status: str,
+        values: list[Any] | None,
+        failure: Failure | None,
+        started: list[float] | None,
+        finished: list[float] | None,
+        worker: str | None,
+        pid: int | None,
+    ) -> None: ...
+
     def buffered(self) -> int: ...
 
     def finish(self, run: Run) -> None: ...
 
 
+_run_serials = itertools.count(1)
+
+
 class Run:
-    """One stream of tasks: a ``run``, ``start`` or ``map`` call, or one ``submit``."""
+    """One stream of tasks: a ``run``, ``start`` or ``map`` call, or one ``submit``.
+
+    ``star`` means each item is a tuple of arguments (several iterables, or ``submit``).
+    """
 
     def __init__(
         self,
         fn: Callable[..., Any],
-        inputs: Iterator[tuple[Any, tuple]],
+        items: Iterator[Any],
+        star: bool,
         total: int | None,
         sink: Sink,
         *,
@@ -74,8 +95,10 @@ class Run:
         retry_on: tuple[type[BaseException], ...],
         max_pending: int,
     ) -> None:
+        self.serial = next(_run_serials)
         self.fn = fn
-        self.inputs = inputs
+        self.items = self._guarded(items)
+        self.star = star
         self.total = total
         self.sink = sink
         self.timeout = timeout
@@ -93,13 +116,20 @@ class Run:
         self.created = time.monotonic()
         self.finished = threading.Event()
 
+    def _guarded(self, items: Iterator[Any]) -> Iterator[Any]:
+        """The input, ending early (and noting why) if iterating it raises."""
+        try:
+            yield from items
+        except Exception as exc:
+            self.input_error = exc
+
     def room(self) -> int:
         """How many more inputs may be taken without passing ``max_pending``."""
         return self.max_pending - self.in_flight - self.sink.buffered()
 
-    def observe(self, outcomes: list[Outcome]) -> None:
+    def observe(self, started: float, finished: float, count: int) -> None:
         """Fold the measured time per task into a moving average."""
-        seconds = (outcomes[-1][4] - outcomes[0][3]) / len(outcomes)
+        seconds = (finished - started) / count
         if self.item_seconds is None:
             self.item_seconds = seconds
         else:
@@ -115,21 +145,17 @@ class Run:
             size = min(size, max(1, (self.total - self.next_index) // (2 * workers)))
         return max(1, size)
 
-    def take(self, count: int) -> list[Task]:
-        """Up to ``count`` new tasks from the input."""
-        tasks = []
-        try:
-            for _ in range(count):
-                item, args = next(self.inputs)
-                tasks.append(Task(self.next_index, item, args))
-                self.next_index += 1
-        except StopIteration:
+    def take(self, count: int) -> Batch | None:
+        """A fresh batch of up to ``count`` inputs, or ``None`` if the input has ended."""
+        items = list(itertools.islice(self.items, count))
+        if len(items) < count:
             self.exhausted = True
-        except Exception as exc:
-            self.input_error = exc
-            self.exhausted = True
-        self.in_flight += len(tasks)
-        return tasks
+        if not items:
+            return None
+        first = self.next_index
+        self.next_index += len(items)
+        self.in_flight += len(items)
+        return Batch(self, range(first, self.next_index), items)
 
 
 @dataclass(slots=True)
@@ -235,12 +261,9 @@ class Dispatcher:
                 self.pool.stop(busy.worker, "cancelled", "the run was cancelled")
         finishing = {(b.batch.seq, b.position) for b in running if event.running == "finish"}
         for batch in [b for b in self._batches.values() if b.run is run]:
-            for position in range(len(batch.tasks)):
-                if (batch.seq, position) in finishing:
-                    continue
-                task = batch.resolve(position)
-                if task is not None:
-                    self._cancel_task(run, task)
+            for position in range(len(batch.items)):
+                if (batch.seq, position) not in finishing and batch.resolve(position):
+                    self._cancel_task(run, batch.task(position))
             if batch.unresolved == 0:
                 self._close(batch)
         for entry in [e for e in self._requeued if e[0] is run]:
@@ -252,8 +275,9 @@ class Dispatcher:
         heapq.heapify(self._retries)
         if run.total is not None and not run.exhausted:
             # a sized input is cheap to walk: its remaining items are recorded as cancelled
-            for task in run.take(run.total - run.next_index):
-                self._cancel_task(run, task)
+            rest = run.take(run.total - run.next_index)
+            if rest is not None:
+                self._complete_many(run, rest, 0, "cancelled", None, CANCELLED, None, None)
         run.exhausted = True
 
     def _cancel_task(self, run: Run, task: Task) -> None:
@@ -261,37 +285,59 @@ class Dispatcher:
 
     def _completed(self, event: Completed) -> None:
         self.pool.settle(event)
-        batch = event.batch
+        batch, out, start = event.batch, event.outcomes, event.start
+        count = len(out.values)
         run = batch.run
-        if event.outcomes and not batch.closed:
-            run.observe(event.outcomes)
-        for offset, outcome in enumerate(event.outcomes):
-            task = batch.resolve(event.start + offset)
-            if task is None:
+        if count and not batch.closed:
+            run.observe(out.started[0], out.finished[-1], count)
+            if not out.failures and batch.attempts is None:
+                batch.resolve_range(start, count)
+                self._complete_many(
+                    run,
+                    batch,
+                    start,
+                    "ok",
+                    out.values,
+                    None,
+                    out.started,
+                    out.finished,
+                    event.worker,
+                    event.pid,
+                )
+            else:
+                self._completed_one_by_one(event)
+        if batch.unresolved == 0:
+            self._close(batch)
+
+    def _completed_one_by_one(self, event: Completed) -> None:
+        batch, out, run = event.batch, event.outcomes, event.batch.run
+        for offset, value in enumerate(out.values):
+            position = event.start + offset
+            if not batch.resolve(position):
                 continue
-            task.attempts += 1
-            ok, payload, retryable, started, finished = outcome
-            if ok:
+            task = batch.task(position)
+            task = task._replace(attempts=task.attempts + 1)
+            started, finished = out.started[offset], out.finished[offset]
+            failure, retryable = out.failures.get(offset, (None, False))
+            if failure is None:
                 self._complete(
-                    run, task, "ok", payload, None, event.worker, event.pid, started, finished
+                    run, task, "ok", value, None, event.worker, event.pid, started, finished
                 )
             elif retryable and task.attempts <= run.retries and not run.cancelled:
                 self._retry(run, task)
             else:
                 self._complete(
-                    run, task, "error", None, payload, event.worker, event.pid, started, finished
+                    run, task, "error", None, failure, event.worker, event.pid, started, finished
                 )
-        if batch.unresolved == 0:
-            self._close(batch)
 
     def _worker_lost(self, event: WorkerLost) -> None:
         self.pool.settle(event)
         if event.culprit is not None:
             batch, position = event.culprit
-            task = batch.resolve(position)
-            if task is not None:
+            if batch.resolve(position):
                 run = batch.run
-                task.attempts += 1
+                task = batch.task(position)
+                task = task._replace(attempts=task.attempts + 1)
                 error = _STATUS_ERRORS[event.status]
                 retry = event.status != "cancelled" and issubclass(error, run.retry_on)
                 if retry and task.attempts <= run.retries and not run.cancelled:
@@ -310,10 +356,9 @@ class Dispatcher:
                         time.time(),
                     )
         for batch, first in event.unfinished:
-            for position in range(first, len(batch.tasks)):
-                task = batch.resolve(position)
-                if task is not None:
-                    self._requeued.append((batch.run, task))
+            for position in range(first, len(batch.items)):
+                if batch.resolve(position):
+                    self._requeued.append((batch.run, batch.task(position)))
             self._close(batch)
 
     def _shutdown(self, event: Shutdown) -> None:
@@ -345,13 +390,49 @@ class Dispatcher:
         started: float | None,
         finished: float | None,
     ) -> None:
-        """The one place a task's record is made."""
+        """Make one task's record (see ``_complete_many``)."""
         run.in_flight -= 1
         run.done += 1
         run.failed += status != "ok"
         run.sink.put(task, status, value, failure, worker, pid, started, finished)
 
+    def _complete_many(
+        self,
+        run: Run,
+        batch: Batch,
+        start: int,
+        status: str,
+        values: list[Any] | None,
+        failure: Failure | None,
+        started: list[float] | None,
+        finished: list[float] | None,
+        worker: str | None = None,
+        pid: int | None = None,
+    ) -> None:
+        """Make the records of a fresh batch's positions ``start``... with one status.
+
+        With ``_complete``, the only places records are made.
+        """
+        count = len(batch.items) - start if values is None else len(values)
+        run.in_flight -= count
+        run.done += count
+        run.failed += count if status != "ok" else 0
+        tried = 1 if status == "ok" else 0
+        run.sink.put_many(
+            batch.indices[start : start + count],
+            batch.items[start : start + count],
+            tried,
+            status,
+            values,
+            failure,
+            started,
+            finished,
+            worker,
+            pid,
+        )
+
     def _expire(self) -> None:
+        self.pool.tick()
         now = time.time()
         for busy in self.pool.running():
             timeout = busy.batch.run.timeout
@@ -371,19 +452,22 @@ class Dispatcher:
     def _next_batch(self) -> Batch | None:
         if self._requeued:
             run, task = self._requeued.popleft()
-            return Batch(run, [task])
+            return Batch.of(run, task)
         if self._retries and self._retries[0][0] <= time.monotonic():
             _, _, run, task = heapq.heappop(self._retries)
-            return Batch(run, [task])
+            return Batch.of(run, task)
         for run in self._runs:  # first come, first served, as concurrent.futures users expect
             if run.exhausted or run.cancelled:
                 continue
             count = min(run.batch_size(self.workers), run.room())
+            limit = self.pool.batch_limit()
+            if limit is not None:
+                count = min(count, limit)
             if count <= 0:
                 continue
-            tasks = run.take(count)
-            if tasks:
-                return Batch(run, tasks)
+            batch = run.take(count)
+            if batch is not None:
+                return batch
         return None
 
     def _finish_runs(self) -> None:

@@ -13,6 +13,7 @@ from . import options as check
 from .dispatch import AddRun, CancelRun, Dispatcher, Run, Shutdown, Wake
 from .monitor import Sampler
 from .pool.base import Pool
+from .pool.process import ProcessPool
 from .pool.thread import ThreadPool
 from .results import Results
 from .sinks import FutureSink, OrderedSink, RecordSink
@@ -20,7 +21,9 @@ from .view import TextProgress, make_view, normalize_progress
 
 REFRESH = 0.1  # seconds between progress redraws: at most ten a second
 INTERRUPT_GRACE = 2.0  # how long Ctrl-C waits for the stop before re-raising
-PENDING_PER_WORKER = 256  # default max_pending: bounded, yet room for batches of tiny tasks
+# Default max_pending per worker. Only tasks measured tiny fill it, in batches; slow
+# tasks travel one at a time, a couple per worker.
+PENDING_PER_WORKER = 1024
 RUN_OPTIONS = ("timeout", "retries", "retry_on", "max_pending", "progress", "total")
 
 
@@ -133,27 +136,52 @@ class Executor(futures.Executor):
             "memory_limit": memory_limit is not None,
             "fd_limit": fd_limit is not None,
             "min_available_memory": min_available_memory != 0.10,
-            "max_tasks_per_worker": max_tasks_per_worker is not None,
             "threads_per_worker": threads_per_worker != 1,
             "concurrency": concurrency is not None,
-            "start_method": start_method is not None,
             "address": address is not None,
             "client": client is not None,
         }
         for name, given in unsupported.items():
             if given:
                 raise NotImplementedError(f"{name} is not supported by this version of cellpool")
+        for name, given in {
+            "max_tasks_per_worker": max_tasks_per_worker,
+            "start_method": start_method,
+        }.items():
+            if given is not None and self.kind != "process":
+                raise ValueError(f"{name} applies to kind='process' only")
+        if max_tasks_per_worker is not None:
+            check.positive_int("max_tasks_per_worker", max_tasks_per_worker)
+        if start_method is not None:
+            check.start_method(start_method)
         if initializer is not None:
             check.callable_fn("initializer", initializer)
         self._sampler = Sampler()
-        self._pool = self._make_pool(initializer, tuple(initargs))
+        self._pool = self._make_pool(
+            initializer, tuple(initargs), start_method, max_tasks_per_worker
+        )
         self._dispatcher = Dispatcher(self._pool, self.workers)
         self._shutdown_lock = threading.Lock()
         self._closed = False
 
-    def _make_pool(self, initializer: Callable[..., Any] | None, initargs: tuple) -> Pool:
+    def _make_pool(
+        self,
+        initializer: Callable[..., Any] | None,
+        initargs: tuple,
+        start_method: str | None,
+        max_tasks_per_worker: int | None,
+    ) -> Pool:
         if self.kind == "thread":
             return ThreadPool(self.workers, self._post, initializer, initargs)
+        if self.kind == "process":
+            return ProcessPool(
+                self.workers,
+                self._post,
+                start_method=start_method,
+                initializer=initializer,
+                initargs=initargs,
+                max_tasks_per_worker=max_tasks_per_worker,
+            )
         raise NotImplementedError(
             f"kind={self.kind!r} is not supported by this version of cellpool"
         )
@@ -182,29 +210,30 @@ class Executor(futures.Executor):
     @staticmethod
     def _inputs(
         caller: str, fn: Callable[..., Any], iterables: Iterable[Any]
-    ) -> tuple[Iterator[tuple[Any, tuple]], int | None]:
-        """(item, arguments) pairs over the inputs, and how many there are if known."""
+    ) -> tuple[Iterator[Any], bool, int | None]:
+        """The items (argument tuples when several iterables), whether they are
+        tuples to spread, and how many there are if known."""
         check.callable_fn(caller, fn)
         its, total = check.iterators(caller, iterables)
         if len(its) == 1:
-            return ((x, (x,)) for x in its[0]), total
-        return ((args, args) for args in zip(*its, strict=True)), total
+            return its[0], False, total
+        return zip(*its, strict=True), True, total
 
     def _new_run(
         self,
-        caller: str,
         fn: Callable[..., Any],
-        inputs: Iterator[tuple[Any, tuple]],
-        total: int | None,
+        inputs: tuple[Iterator[Any], bool, int | None],
         sink: Any,
         opts: dict[str, Any],
     ) -> Run:
+        items, star, total = inputs
         with self._shutdown_lock:
             if self._closed:
-                raise RuntimeError(f"cannot call {caller}() after shutdown")
+                raise RuntimeError("cannot use the executor after shutdown")
             run = Run(
                 fn,
-                inputs,
+                items,
+                star,
                 opts["total"] if total is None else total,
                 sink,
                 timeout=opts["timeout"],
@@ -223,7 +252,7 @@ class Executor(futures.Executor):
         future: futures.Future[Any] = futures.Future()
         call = functools.partial(fn, **kwargs) if kwargs else fn
         opts = self._options("submit", {})
-        run = self._new_run("submit", call, iter([(args, args)]), 1, FutureSink(future), opts)
+        run = self._new_run(call, (iter([args]), True, 1), FutureSink(future), opts)
         future.add_done_callback(
             lambda f: f.cancelled() and self._dispatcher.post(CancelRun(run, running="drop"))
         )
@@ -242,9 +271,9 @@ class Executor(futures.Executor):
         to be consumed. The first failure is raised when it is reached. ``chunksize`` is
         accepted for compatibility; cellpool sizes its batches from measured task times.
         """
-        inputs, total = self._inputs("map", fn, iterables)
+        inputs = self._inputs("map", fn, iterables)
         sink = OrderedSink()
-        run = self._new_run("map", fn, inputs, total, sink, self._options("map", {}))
+        run = self._new_run(fn, inputs, sink, self._options("map", {}))
         deadline = None if timeout is None else run.created + timeout
         return self._ordered_values(run, sink, deadline)
 
@@ -290,9 +319,9 @@ class Executor(futures.Executor):
         how many inputs a generator will yield.
         """
         merged = self._options("start", opts)
-        inputs, total = self._inputs("start", fn, iterables)
+        inputs = self._inputs("start", fn, iterables)
         sink = RecordSink()
-        run = self._new_run("start", fn, inputs, total, sink, merged)
+        run = self._new_run(fn, inputs, sink, merged)
         name = getattr(fn, "__name__", type(fn).__name__)
         view = make_view(merged["progress"], run, f"{name} [{self.kind} x{self.workers}]")
         return Job(run, sink, self, view)

@@ -27,6 +27,15 @@ def default_workers(kind: str) -> int:
     return min(32, cpu_count() + 4) if kind == "thread" else cpu_count()
 
 
+def start_method(method: Any) -> str:
+    import multiprocessing
+
+    methods = multiprocessing.get_all_start_methods()
+    if method not in methods:
+        raise ValueError(f"start_method must be one of {methods}; got {method!r}")
+    return method
+
+
 def positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer; got {value!r}")

@@ -157,11 +157,7 @@ class Results(Sequence[TaskResult]):
     ) -> None:
         if position >= len(self._status):
             self._grow(position + 1)
-        key = (worker, pid)
-        code = self._worker_codes.get(key)
-        if code is None:
-            code = self._worker_codes[key] = len(self._workers)
-            self._workers.append(key)
+        code = self._worker_code(worker, pid)
         self._index[position] = index
         self._item[position] = item
         self._status[position] = _CODE[status]
@@ -172,6 +168,66 @@ class Results(Sequence[TaskResult]):
         self._attempts[position] = attempts
         self._started[position] = _NAN if started is None else started
         self._finished[position] = _NAN if finished is None else finished
+
+    def _put_many(
+        self,
+        indices: Sequence[int],
+        items: list[Any],
+        status: str,
+        values: list[Any] | None,
+        failure: Failure | None,
+        attempts: int | list[int],
+        started: list[float] | None,
+        finished: list[float] | None,
+        worker: str | None,
+        pid: int | None,
+    ) -> None:
+        """Write records whose positions are their ``indices``, one status for all.
+
+        ``values``, ``started`` and ``finished`` are per record or ``None`` for none;
+        ``attempts`` is per record or one count for all. Consecutive indices are
+        written with slice assignments, so a batch costs a few C-level copies.
+        """
+        count = len(items)
+        if not (isinstance(indices, range) and indices.step == 1 and count):
+            for k, index in enumerate(indices):
+                self._put(
+                    index,
+                    index,
+                    items[k],
+                    status,
+                    None if values is None else values[k],
+                    failure,
+                    worker,
+                    pid,
+                    attempts if isinstance(attempts, int) else attempts[k],
+                    None if started is None else started[k],
+                    None if finished is None else finished[k],
+                )
+            return
+        lo, hi = indices.start, indices.stop
+        if hi > len(self._status):
+            self._grow(hi)
+        no_times = array("d", [_NAN]) * count
+        self._index[lo:hi] = array("q", indices)
+        self._item[lo:hi] = items
+        self._status[lo:hi] = bytes([_CODE[status]]) * count
+        self._value[lo:hi] = [None] * count if values is None else values
+        self._worker[lo:hi] = array("I", [self._worker_code(worker, pid)]) * count
+        per_record = [attempts] * count if isinstance(attempts, int) else attempts
+        self._attempts[lo:hi] = array("I", per_record)
+        self._started[lo:hi] = no_times if started is None else array("d", started)
+        self._finished[lo:hi] = no_times if finished is None else array("d", finished)
+        if failure is not None:
+            self._failure.update(dict.fromkeys(indices, failure))
+
+    def _worker_code(self, worker: str | None, pid: int | None) -> int:
+        key = (worker, pid)
+        code = self._worker_codes.get(key)
+        if code is None:
+            code = self._worker_codes[key] = len(self._workers)
+            self._workers.append(key)
+        return code
 
     def _grow(self, size: int) -> None:
         extra = size - len(self._status)

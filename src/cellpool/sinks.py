@@ -1,9 +1,14 @@
-"""Where a run's records go: a ``Results`` (run, start), an ordered stream (map), a Future."""
+"""Where a run's records go: a ``Results`` (run, start), an ordered stream (map), a Future.
+
+Every sink takes records one at a time (``put``) or many with one status (``put_many``,
+positions equal to input indices).
+"""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +63,24 @@ class RecordSink:
                 finished,
             )
 
+    def put_many(
+        self,
+        indices: Sequence[int],
+        items: list[Any],
+        attempts: int | list[int],
+        status: str,
+        values: list[Any] | None,
+        failure: Failure | None,
+        started: list[float] | None,
+        finished: list[float] | None,
+        worker: str | None,
+        pid: int | None,
+    ) -> None:
+        with self._lock:
+            self.results._put_many(
+                indices, items, status, values, failure, attempts, started, finished, worker, pid
+            )
+
     def buffered(self) -> int:
         return 0
 
@@ -98,6 +121,28 @@ class OrderedSink:
         with self._changed:
             self._ready[task.index] = entry
             if task.index == self._next:
+                self._changed.notify()
+
+    def put_many(
+        self,
+        indices: Sequence[int],
+        items: list[Any],
+        attempts: int | list[int],
+        status: str,
+        values: list[Any] | None,
+        failure: Failure | None,
+        started: list[float] | None,
+        finished: list[float] | None,
+        worker: str | None,
+        pid: int | None,
+    ) -> None:
+        if failure is None:
+            entries = [(True, value) for value in values or [None] * len(items)]
+        else:
+            entries = [(False, exception_of(status, failure))] * len(items)
+        with self._changed:
+            self._ready.update(zip(indices, entries, strict=True))
+            if self._next in self._ready:
                 self._changed.notify()
 
     def buffered(self) -> int:
@@ -154,6 +199,22 @@ class FutureSink:
                 self.future.set_exception(exception_of(status, failure))
         except InvalidStateError:
             pass  # the caller cancelled the future first
+
+    def put_many(
+        self,
+        indices: Sequence[int],
+        items: list[Any],
+        attempts: int | list[int],
+        status: str,
+        values: list[Any] | None,
+        failure: Failure | None,
+        started: list[float] | None,
+        finished: list[float] | None,
+        worker: str | None,
+        pid: int | None,
+    ) -> None:
+        value = None if values is None else values[0]
+        self.put(Task(indices[0], items[0], 1), status, value, failure, worker, pid, None, None)
 
     def buffered(self) -> int:
         return 0

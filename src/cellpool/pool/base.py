@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..tasks import Batch, Outcome
+from ..tasks import Batch, Outcomes
 
 
 @dataclass(slots=True)
@@ -21,7 +21,7 @@ class Completed:
 
     batch: Batch
     start: int
-    outcomes: list[Outcome]
+    outcomes: Outcomes
     worker: str
     pid: int
     final: bool = True
@@ -81,6 +81,13 @@ class Pool(ABC):
     @abstractmethod
     def stop(self, worker: str, status: str, reason: str) -> None:
         """Stop the task running on ``worker``; a ``WorkerLost`` event follows if it can."""
+
+    def batch_limit(self) -> int | None:
+        """The most tasks the next batch may hold, if the pool has a limit."""
+        return None
+
+    def tick(self) -> None:  # noqa: B027 (most pools have nothing to do)
+        """Called by the dispatcher about every 0.1 s while work runs."""
 
     @abstractmethod
     def workers_info(self) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..tasks import Batch, Outcome, call
+from ..tasks import Batch, Outcomes, call
 from .base import Completed, Pool, Report, Running, WorkerLost
 
 PREFETCH = 2  # batches queued per worker, so a worker never waits for the dispatcher
@@ -43,7 +43,7 @@ class _Worker:
         self.batch: Batch | None = None
         self.position = 0
         self.started = 0.0
-        self.outcomes: list[Outcome] = []
+        self.outcomes = Outcomes.empty()
         self.abandoned = False
         self.done = 0
         self.errors = 0
@@ -93,20 +93,20 @@ class ThreadPool(Pool):
             if batch is None:
                 return
             run = batch.run
-            for position, task in enumerate(batch.tasks):
+            for position, item in enumerate(batch.items):
                 if run.cancelled:
                     break
                 with worker.lock:
                     worker.batch, worker.position, worker.started = batch, position, time.time()
-                outcome = call(run.fn, task.args, run.retry_on)
+                result = call(run.fn, item, run.star, run.retry_on)
                 with worker.lock:
                     if worker.abandoned:
                         return  # the dispatcher wrote this task off and moved on
-                    worker.outcomes.append(outcome)
+                    worker.outcomes.add(result)
                     worker.done += 1
-                    worker.errors += not outcome[0]
+                    worker.errors += result[1] is not None
             with worker.lock:
-                outcomes, worker.outcomes, worker.batch = worker.outcomes, [], None
+                outcomes, worker.outcomes, worker.batch = worker.outcomes, Outcomes.empty(), None
             self._report(Completed(batch, 0, outcomes, worker.id, self._pid))
 
     # -- the dispatcher's side -----------------------------------------------------
@@ -137,13 +137,13 @@ class ThreadPool(Pool):
         with stuck.lock:
             batch, position, finished = stuck.batch, stuck.position, stuck.outcomes
             stuck.abandoned = True
-            stuck.outcomes = []
+            stuck.outcomes = Outcomes.empty()
         del self._workers[worker]
         self._abandoned.append(stuck)
         self._spawn()
         if batch is None:
             return
-        if finished:
+        if finished.values:
             self._report(Completed(batch, 0, finished, worker, self._pid, final=False))
         self._report(
             WorkerLost(
@@ -173,7 +173,7 @@ class ThreadPool(Pool):
                     "pid": self._pid,
                     "native_id": worker.native_id,
                     "state": state,
-                    "task": batch.tasks[position].index if batch is not None else None,
+                    "task": batch.indices[position] if batch is not None else None,
                     "task_seconds": now - started if batch is not None else None,
                     "done": worker.done,
                     "errors": worker.errors,

@@ -1,0 +1,401 @@
+"""Worker processes, each with its own duplex pipe, watched by one reader thread.
+
+The reader waits on every worker's pipe and process sentinel at once
+(``multiprocessing.connection.wait``) and only posts events: ``Completed`` for results,
+``WorkerLost`` for a death. Everything else (routing, kills, replacements) happens in
+the dispatcher thread, in ``send``, ``stop`` and ``settle``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing import reduction
+from multiprocessing.connection import wait
+from typing import Any
+
+import cloudpickle
+
+from .. import worker as child
+from ..results import Failure
+from ..tasks import Batch, Outcomes
+from .base import Completed, Pool, Report, Running, WorkerLost
+
+PREFETCH = 2  # batches queued per worker beyond the one it runs
+KILL_GRACE = 1.0  # seconds between SIGTERM and SIGKILL
+SHUTDOWN_GRACE = 5.0  # seconds an idle worker gets to exit before it is killed
+
+
+def default_start_method() -> str:
+    """forkserver where there is one (safe in a threaded kernel, fast), else spawn."""
+    methods = multiprocessing.get_all_start_methods()
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+class SharedFd:
+    """An fd for a worker process, duplicated into it when the worker starts."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple]:
+        return _received_fd, (reduction.DupFd(self.fd),)
+
+    def detach(self) -> int:
+        return self.fd
+
+
+def _received_fd(dup: Any) -> SharedFd:
+    return SharedFd(dup.detach())
+
+
+def _exit_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"the worker process was killed by {name}"
+    return f"the worker process exited with code {exitcode}"
+
+
+class _Worker:
+    """One worker process as the parent sees it."""
+
+    def __init__(self, worker_id: str, process: Any, conn: Any, slot: child.Slot) -> None:
+        self.id = worker_id
+        self.process = process
+        self.pid: int = process.pid
+        self.conn = conn
+        self.slot = slot
+        self.in_flight: dict[int, Batch] = {}  # seq -> batch, in the order sent
+        self.jobs: dict[int, None] = {}  # runs whose function this worker holds
+        self.assigned = 0
+        self.done = 0
+        self.errors = 0
+        self.stopping: tuple[str, str] | None = None  # (status, reason) once killed
+        self.kill_at: float | None = None
+        self.retiring = False
+        self.dead = False  # set by the reader thread
+        self.eof = False  # set by the reader thread
+
+
+class ProcessPool(Pool):
+    """``workers`` processes; each batch goes to the least-loaded one."""
+
+    kind = "process"
+
+    def __init__(
+        self,
+        workers: int,
+        report: Report,
+        *,
+        start_method: str | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple = (),
+        max_tasks_per_worker: int | None = None,
+    ) -> None:
+        method = start_method or default_start_method()
+        self._ctx = multiprocessing.get_context(method)
+        if method == "forkserver":
+            self._ctx.set_forkserver_preload(["cellpool.worker"])
+        self._report = report
+        self._size = workers
+        self._max_tasks = max_tasks_per_worker
+        self._init = cloudpickle.dumps((initializer, initargs))
+        self._jobs: dict[int, bytes] = {}
+        self._workers: dict[str, _Worker] = {}
+        self._serial = 0
+        self._closing = False
+        self._wake_r, self._wake_w = os.pipe()
+        for _ in range(workers):
+            self._spawn()
+        self._reader = threading.Thread(target=self._read, name="cellpool-reader", daemon=True)
+        self._reader.start()
+
+    def _spawn(self) -> None:
+        self._serial += 1
+        worker_id = f"p{self._serial}"
+        parent_end, child_end = self._ctx.Pipe(duplex=True)
+        slot, fd = child.Slot.create()
+        process = self._ctx.Process(
+            target=child.main,
+            args=(child_end, SharedFd(fd), self._init),
+            name=f"cellpool-{worker_id}",
+            daemon=True,
+        )
+        try:
+            process.start()
+        finally:
+            child_end.close()
+            os.close(fd)
+        self._workers[worker_id] = _Worker(worker_id, process, parent_end, slot)
+        os.write(self._wake_w, b"w")
+
+    # -- the reader thread ---------------------------------------------------------
+
+    def _read(self) -> None:
+        while True:
+            workers = [w for w in list(self._workers.values()) if not w.dead]
+            if self._closing and not workers:
+                return
+            conns = {w.conn: w for w in workers if not w.eof}
+            sentinels = {w.process.sentinel: w for w in workers}
+            for ready in wait([*conns, *sentinels, self._wake_r]):
+                if ready == self._wake_r:
+                    os.read(self._wake_r, 4096)
+                elif ready in conns:
+                    self._receive(conns[ready])
+                else:
+                    self._buried(sentinels[ready])
+
+    def _receive(self, worker: _Worker) -> None:
+        try:
+            message = pickle.loads(worker.conn.recv_bytes())
+        except (EOFError, OSError):
+            worker.eof = True
+            return
+        if message[0] == "out":
+            _, stream, text = message
+            lines = text.splitlines(keepends=True)
+            target = sys.stderr if stream == "stderr" else sys.stdout
+            target.write("".join(f"[{worker.id}] {line}" for line in lines))
+            return
+        _, seq, start, count, final, payload = message
+        batch = worker.in_flight.get(seq)
+        if batch is not None:
+            self._report(
+                Completed(batch, start, _unpickled(payload, count), worker.id, worker.pid, final)
+            )
+
+    def _buried(self, worker: _Worker) -> None:
+        while not worker.eof and worker.conn.poll(0):
+            self._receive(worker)  # results sent before it died still count
+        worker.dead = True
+        if self._closing:
+            return
+        self._report(
+            WorkerLost(
+                worker.id, worker.pid, "crashed", _exit_reason(worker.process.exitcode), None
+            )
+        )
+
+    # -- the dispatcher's side -----------------------------------------------------
+
+    def _available(self) -> list[_Worker]:
+        return [
+            w
+            for w in self._workers.values()
+            if not (w.dead or w.stopping or w.retiring) and len(w.in_flight) < PREFETCH
+        ]
+
+    def capacity(self) -> int:
+        return sum(PREFETCH - len(w.in_flight) for w in self._available())
+
+    def _choose(self) -> _Worker:
+        """The worker for the next batch: the one with the fewest tasks in flight."""
+        return min(
+            self._available(),
+            key=lambda w: (sum(len(b.items) for b in w.in_flight.values()), len(w.in_flight)),
+        )
+
+    def batch_limit(self) -> int | None:
+        if self._max_tasks is None:
+            return None
+        return self._max_tasks - self._choose().assigned
+
+    def send(self, batch: Batch) -> None:
+        worker = self._choose()
+        run_id = batch.run.serial
+        job = None
+        if run_id not in worker.jobs:
+            job = self._job(batch)
+            worker.jobs[run_id] = None
+            if len(worker.jobs) > child.JOB_CACHE:
+                del worker.jobs[next(iter(worker.jobs))]  # as the worker drops it
+        worker.in_flight[batch.seq] = batch
+        worker.assigned += len(batch.items)
+        if self._max_tasks is not None and worker.assigned >= self._max_tasks:
+            worker.retiring = True
+        with contextlib.suppress(OSError):  # it died: the reader reports it, the batch moves
+            worker.conn.send_bytes(_message(batch, run_id, job))
+
+    def _job(self, batch: Batch) -> bytes:
+        """The run's function, pickled once for every worker."""
+        run = batch.run
+        data = self._jobs.get(run.serial)
+        if data is None:
+            try:
+                data = cloudpickle.dumps((run.fn, run.star, run.retry_on))
+            except Exception as error:
+                stand_in = child.Unpicklable("function", error)
+                data = cloudpickle.dumps((stand_in, run.star, run.retry_on))
+            self._jobs[run.serial] = data
+            if len(self._jobs) > child.JOB_CACHE:
+                del self._jobs[next(iter(self._jobs))]
+        return data
+
+    def settle(self, event: Completed | WorkerLost) -> None:
+        if isinstance(event, Completed):
+            worker = self._workers.get(event.worker)
+            if worker is None:
+                return
+            worker.done += len(event.outcomes.values)
+            worker.errors += len(event.outcomes.failures)
+            if event.final:
+                worker.in_flight.pop(event.batch.seq, None)
+                if worker.retiring and not worker.in_flight:
+                    self._release(worker)
+            return
+        worker = self._workers.pop(event.worker)
+        if worker.stopping is not None:
+            event.status, event.reason = worker.stopping
+        elif worker.retiring and not worker.in_flight and worker.process.exitcode == 0:
+            event.status = "retired"
+        running = worker.slot.read()
+        if running is not None and running[0] in worker.in_flight:
+            event.culprit = (worker.in_flight[running[0]], running[1])
+        event.unfinished = [(batch, 0) for batch in worker.in_flight.values()]
+        self._discard(worker)
+        if not self._closing:
+            self._spawn()
+
+    def _release(self, worker: _Worker) -> None:
+        """Ask an idle worker to exit (it is replaced when the reader sees it go)."""
+        with contextlib.suppress(OSError):
+            worker.conn.send_bytes(pickle.dumps(None))
+
+    def _discard(self, worker: _Worker) -> None:
+        worker.process.join(SHUTDOWN_GRACE)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()
+        worker.process.close()
+        worker.conn.close()
+        worker.slot.close()
+
+    def running(self) -> list[Running]:
+        busy = []
+        for worker in self._workers.values():
+            now = worker.slot.read()
+            if now is None or worker.dead or worker.stopping:
+                continue
+            seq, position, started = now
+            batch = worker.in_flight.get(seq)
+            if batch is not None:
+                busy.append(Running(worker.id, batch, position, started))
+        return busy
+
+    def stop(self, worker: str, status: str, reason: str) -> None:
+        target = self._workers.get(worker)
+        if target is None or target.stopping is not None or target.dead:
+            return
+        target.stopping = (status, reason)
+        target.kill_at = time.monotonic() + KILL_GRACE
+        target.process.terminate()
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        for worker in self._workers.values():
+            if worker.kill_at is not None and now > worker.kill_at and not worker.dead:
+                worker.process.kill()
+                worker.kill_at = None
+
+    def workers_info(self) -> list[dict[str, Any]]:
+        rows = []
+        now = time.time()
+        for worker in list(self._workers.values()):
+            running = worker.slot.read() if not worker.dead else None
+            task = None
+            if running is not None:
+                seq, position, _ = running
+                batch = worker.in_flight.get(seq)
+                task = batch.indices[position] if batch is not None else None
+            if worker.dead:
+                state, reason = "dead", _exit_reason(worker.process.exitcode)
+            elif worker.stopping is not None:
+                state, reason = "dead", worker.stopping[1]
+            elif worker.retiring:
+                state, reason = "recycling", f"reached max_tasks_per_worker={self._max_tasks}"
+            else:
+                state, reason = ("busy" if task is not None else "idle"), None
+            rows.append(
+                {
+                    "worker": worker.id,
+                    "pid": worker.pid,
+                    "state": state,
+                    "task": task,
+                    "task_seconds": now - running[2] if task is not None else None,
+                    "done": worker.done,
+                    "errors": worker.errors,
+                    "reason": reason,
+                }
+            )
+        return rows
+
+    def shutdown(self, wait: bool) -> None:
+        self._closing = True
+        workers = list(self._workers.values())
+        for worker in workers:
+            self._release(worker)
+        for worker in workers:
+            self._discard(worker)
+        self._workers.clear()
+        os.write(self._wake_w, b"w")
+        self._reader.join()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+def _message(batch: Batch, run_id: int, job: bytes | None) -> bytes:
+    """The batch as bytes; inputs that cannot be pickled become error stand-ins."""
+    try:
+        return cloudpickle.dumps((batch.seq, run_id, job, batch.items))
+    except Exception:
+        checked: list[Any] = []
+        for item in batch.items:
+            try:
+                cloudpickle.dumps(item)
+                checked.append(item)
+            except Exception as error:
+                checked.append(child.Unpicklable("arguments", error))
+        return cloudpickle.dumps((batch.seq, run_id, job, checked))
+
+
+def _unpickled(payload: bytes, count: int) -> Outcomes:
+    """A worker's outcomes; if this process cannot unpickle them, errors saying so."""
+    try:
+        outcomes: Outcomes = pickle.loads(payload)
+    except Exception as error:
+        now = time.time()
+        failure = Failure(
+            "PicklingError", f"could not unpickle the result: {type(error).__name__}: {error}"
+        )
+        return Outcomes(
+            [None] * count,
+            [now] * count,
+            [now] * count,
+            dict.fromkeys(range(count), (failure, False)),
+        )
+    for position, (failure, retryable) in outcomes.failures.items():
+        if isinstance(failure.exception, bytes):
+            outcomes.failures[position] = (
+                failure._replace(exception=_exception(failure.exception)),
+                retryable,
+            )
+    return outcomes
+
+
+def _exception(data: bytes) -> BaseException | None:
+    """A task's exception rebuilt here, or ``None`` if it cannot be."""
+    try:
+        return pickle.loads(data)
+    except Exception:
+        return None

@@ -1,0 +1,236 @@
+"""The loop of a worker process (this module runs in the child).
+
+Parent to worker, over the worker's own duplex pipe, cloudpickled:
+    ``(seq, run_id, job, args_list)``: run ``job`` (a pickled ``(fn, retry_on)``, or
+    ``None`` when this worker already holds the run's) over each arguments tuple;
+    ``None``: exit.
+Worker to parent:
+    ``("done", seq, start, count, final, outcomes)``: ``count`` outcomes of positions
+    ``start``..., pickled apart so that the parent can still tell which tasks they were
+    when it cannot unpickle them; ``("out", stream, text)``: what tasks printed.
+
+The task being run is also written to a shared slot (see ``Slot``), so that the parent
+knows which task a crash or a timeout belongs to, even when its results are not sent yet.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+import signal
+import struct
+import sys
+import threading
+import time
+from typing import Any
+
+import cloudpickle
+
+from .results import Failure
+from .tasks import Outcomes, failure_of
+
+FLUSH_SECONDS = 0.05  # send finished outcomes at least this often during a long batch
+JOB_CACHE = 8  # functions kept, newest last; the parent mirrors this to know what we hold
+_SLOT = struct.Struct("ddd")  # ticket running, when it started, ticket last finished
+
+
+SEQ_SPAN = 1_048_576  # a task's ticket is seq * SEQ_SPAN + position: exact in a double
+
+
+class Slot:
+    """Three doubles in shared memory: the ticket of the task a worker runs, when it
+    started, and the ticket of the last task it finished.
+
+    Each is written with one aligned 8-byte store, so a reader never sees half a value.
+    The worker writes the start time before the ticket, so a reader that sees a new
+    ticket may pair it with an old time only in the direction that delays a timeout.
+    """
+
+    SIZE = _SLOT.size
+
+    def __init__(self, fd: int) -> None:
+        self._map = mmap.mmap(fd, self.SIZE)
+        self.cells = memoryview(self._map).cast("d")  # the worker writes these directly
+
+    @classmethod
+    def create(cls) -> tuple[Slot, int]:
+        """A new slot and the fd to hand to the child (the caller closes it)."""
+        fd = os.memfd_create("cellpool-slot", os.MFD_CLOEXEC)
+        os.ftruncate(fd, cls.SIZE)
+        slot = cls(fd)
+        _SLOT.pack_into(slot._map, 0, -1.0, 0.0, -1.0)
+        return slot, fd
+
+    def read(self) -> tuple[int, int, float] | None:
+        """(seq, position, started) of the task running now, or ``None`` between tasks."""
+        running, started, finished = _SLOT.unpack_from(self._map, 0)
+        if running == finished:
+            return None
+        seq, position = divmod(int(running), SEQ_SPAN)
+        return seq, position, started
+
+    def close(self) -> None:
+        self.cells.release()
+        self._map.close()
+
+
+class _Forward:
+    """A text stream that sends what a task prints to the parent, a line at a time."""
+
+    def __init__(self, send: Any, name: str) -> None:
+        self._send = send
+        self._name = name
+        self._buffer: list[str] = []
+        self.encoding = "utf-8"
+
+    def write(self, text: str) -> int:
+        self._buffer.append(text)
+        if "\n" in text:
+            self.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if self._buffer:
+            text, self._buffer = "".join(self._buffer), []
+            self._send(("out", self._name, text))
+
+    def isatty(self) -> bool:
+        return False
+
+
+class Unpicklable:
+    """Stands in for an input or a function the parent could not pickle."""
+
+    def __init__(self, what: str, error: BaseException) -> None:
+        self.failure = Failure("PicklingError", f"could not pickle the {what}: {error}")
+
+
+def _portable(outcomes: Outcomes) -> Outcomes:
+    """Replace each exception by its pickled bytes, or by nothing if it cannot travel."""
+    for position, (failure, retryable) in outcomes.failures.items():
+        try:
+            data = cloudpickle.dumps(failure.exception)
+            pickle.loads(data)  # an exception class that pickle cannot rebuild fails here
+        except Exception:
+            data = None
+        outcomes.failures[position] = (failure._replace(exception=data), retryable)
+    return outcomes
+
+
+def _picklable(outcomes: Outcomes) -> Outcomes:
+    """The outcomes, with each value that does not pickle turned into an error naming why."""
+    for position, value in enumerate(outcomes.values):
+        try:
+            cloudpickle.dumps(value)
+        except Exception as error:
+            message = f"could not pickle the result: {type(error).__name__}: {error}"
+            outcomes.values[position] = None
+            outcomes.failures[position] = (Failure("PicklingError", message), False)
+    return outcomes
+
+
+class _Channel:
+    """The worker's end of its pipe; sending is locked because tasks may print from threads."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, message: Any) -> None:
+        data = cloudpickle.dumps(message)
+        with self._lock:
+            self.conn.send_bytes(data)
+
+    def send_outcomes(self, seq: int, start: int, outcomes: Outcomes, final: bool) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()  # what a task printed arrives before its record
+        outcomes = _portable(outcomes)
+        try:
+            payload = cloudpickle.dumps(outcomes)
+        except Exception:
+            payload = cloudpickle.dumps(_picklable(outcomes))
+        self.send(("done", seq, start, len(outcomes.values), final, payload))
+
+
+def main(conn: Any, slot_fd: Any, init: bytes) -> None:
+    """Run batches from ``conn`` until told to stop or the parent goes away."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C stops
+    fd = slot_fd.detach()
+    slot = Slot(fd)
+    os.close(fd)
+    channel = _Channel(conn)
+    sys.stdout = _Forward(channel.send, "stdout")  # type: ignore[assignment]
+    sys.stderr = _Forward(channel.send, "stderr")  # type: ignore[assignment]
+    init_failure = None
+    try:
+        initializer, initargs = pickle.loads(init)
+        if initializer is not None:
+            initializer(*initargs)
+    except BaseException as exc:
+        init_failure = Failure(
+            "InitializerError", f"the worker's initializer failed: {type(exc).__name__}: {exc}"
+        )
+    jobs: dict[int, tuple[Any, bool, tuple]] = {}
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        message = pickle.loads(data)
+        if message is None:
+            return
+        seq, run_id, job, items = message
+        if job is not None:
+            jobs[run_id] = pickle.loads(job)
+            if len(jobs) > JOB_CACHE:
+                del jobs[next(iter(jobs))]
+        fn, star, retry_on = jobs[run_id]
+        blocked = init_failure or (fn.failure if isinstance(fn, Unpicklable) else None)
+        _run_batch(channel, slot, seq, fn, star, retry_on, items, blocked)
+
+
+def _run_batch(
+    channel: _Channel,
+    slot: Slot,
+    seq: int,
+    fn: Any,
+    star: bool,
+    retry_on: tuple[type[BaseException], ...],
+    items: list[Any],
+    blocked: Failure | None,
+) -> None:
+    """Run a batch, sending outcomes at its end and at least every ``FLUSH_SECONDS``.
+
+    This is the hot loop for tiny tasks, so it is written out rather than calling
+    ``tasks.call``: one clock read per task (a task starts when the one before ends),
+    and the slot written through a memoryview.
+    """
+    values, started, finished, failures = outcomes = Outcomes.empty()
+    cells = slot.cells
+    clock = time.time
+    base = seq * SEQ_SPAN
+    start = 0
+    now = flushed = clock()
+    for position, item in enumerate(items):
+        cells[1] = now
+        cells[0] = base + position
+        if blocked is not None or isinstance(item, Unpicklable):
+            failures[len(values)] = (blocked or item.failure, False)
+            value = None
+        else:
+            try:
+                value = fn(*item) if star else fn(item)
+            except BaseException as exc:  # a task's SystemExit is its failure
+                failures[len(values)] = (failure_of(exc), isinstance(exc, retry_on))
+                value = None
+        values.append(value)
+        started.append(now)
+        now = clock()
+        finished.append(now)
+        cells[2] = base + position
+        if now - flushed > FLUSH_SECONDS and position + 1 < len(items):
+            channel.send_outcomes(seq, start, outcomes, final=False)
+            values, started, finished, failures = outcomes = Outcomes.empty()
+            start, flushed = position + 1, now
+    channel.send_outcomes(seq, start, outcomes, final=True)
