@@ -39,8 +39,22 @@ def settle(check, seconds: float = 5.0):
     return leftover
 
 
+@pytest.fixture(autouse=True, scope="session")
+def shared_multiprocessing_helpers():
+    """Start the forkserver and resource tracker once, as the first process pool would.
+
+    They belong to the interpreter, not to an executor: their fds and processes stay for
+    the whole session and are not leaks.
+    """
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["cellpool.worker"])
+    forkserver.ensure_running()
+
+
 @pytest.fixture(autouse=True)
-def no_leaks():
+def no_leaks(shared_multiprocessing_helpers):
     """Fail a test that leaves cellpool threads, worker processes or fds behind."""
     fds_before = open_fds()
     yield

@@ -181,6 +181,7 @@ class ProcessPool(Pool):
         worker.dead = True
         if self._closing:
             return
+        worker.process.join(KILL_GRACE)  # its sentinel can fire before its exit code is in
         self._report(
             WorkerLost(
                 worker.id, worker.pid, "crashed", _exit_reason(worker.process.exitcode), None
