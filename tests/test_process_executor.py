@@ -334,3 +334,32 @@ def test_bad_process_options_are_one_line_errors():
         Executor("process", 1, start_method="teleport")
     with pytest.raises(ValueError, match="applies to kind='process' only"):
         Executor("thread", 1, max_tasks_per_worker=3)
+
+
+@pytest.fixture
+def workers_that_cannot_start(tmp_path):
+    """A python executable for spawned workers that dies during start-up."""
+    import multiprocessing
+    from multiprocessing import spawn
+
+    fake = tmp_path / "python-that-dies"
+    fake.write_text("#!/bin/sh\nsleep 0.3\nexit 7\n")
+    fake.chmod(0o755)
+    real = spawn.get_executable()
+    multiprocessing.get_context("spawn").set_executable(str(fake))
+    yield
+    multiprocessing.get_context("spawn").set_executable(real)
+
+
+def test_workers_that_cannot_start_break_the_pool_instead_of_looping(workers_that_cannot_start):
+    ex = Executor("process", 2, start_method="spawn", progress="none")
+    try:
+        job = ex.start(add_one, range(5))
+        results = job.result(timeout=30)
+        assert {r.status for r in results} == {"crashed"}
+        assert "died while starting" in results[0].error
+        assert "exited with code 7" in results[0].error
+        with pytest.raises(RuntimeError, match="broken"):
+            ex.run(add_one, range(3))
+    finally:
+        ex.shutdown()

@@ -251,37 +251,40 @@ class Dispatcher:
         self._runs.append(event.run)
 
     def _cancel_run(self, event: CancelRun) -> None:
-        run = event.run
+        self._stop_run(event.run, event.running, "cancelled", CANCELLED)
+
+    def _stop_run(self, run: Run, running_tasks: str, status: str, failure: Failure) -> None:
+        """End a run early: every task not finished gets ``status`` (see ``CancelRun``)."""
         if run not in self._runs:
             return  # already finished
         run.cancelled = True  # set first: a worker thread checks it before each task
         running = [busy for busy in self.pool.running() if busy.batch.run is run]
-        if event.running == "kill":
+        if running_tasks == "kill":
             for busy in running:
-                self.pool.stop(busy.worker, "cancelled", "the run was cancelled")
-        finishing = {(b.batch.seq, b.position) for b in running if event.running == "finish"}
+                self.pool.stop(busy.worker, status, failure.error or status)
+        finishing = {(b.batch.seq, b.position) for b in running if running_tasks == "finish"}
+        stopped: list[Task] = []
         for batch in [b for b in self._batches.values() if b.run is run]:
             for position in range(len(batch.items)):
                 if (batch.seq, position) not in finishing and batch.resolve(position):
-                    self._cancel_task(run, batch.task(position))
+                    stopped.append(batch.task(position))
             if batch.unresolved == 0:
                 self._close(batch)
         for entry in [e for e in self._requeued if e[0] is run]:
             self._requeued.remove(entry)
-            self._cancel_task(run, entry[1])
+            stopped.append(entry[1])
         for entry in [e for e in self._retries if e[2] is run]:
             self._retries.remove(entry)
-            self._cancel_task(run, entry[3])
+            stopped.append(entry[3])
         heapq.heapify(self._retries)
+        for task in stopped:
+            self._complete(run, task, status, None, failure, None, None, None, None)
         if run.total is not None and not run.exhausted:
-            # a sized input is cheap to walk: its remaining items are recorded as cancelled
+            # a sized input is cheap to walk: its remaining items get records too
             rest = run.take(run.total - run.next_index)
             if rest is not None:
-                self._complete_many(run, rest, 0, "cancelled", None, CANCELLED, None, None)
+                self._complete_many(run, rest, 0, status, None, failure, None, None)
         run.exhausted = True
-
-    def _cancel_task(self, run: Run, task: Task) -> None:
-        self._complete(run, task, "cancelled", None, CANCELLED, None, None, None, None)
 
     def _completed(self, event: Completed) -> None:
         self.pool.settle(event)
@@ -442,6 +445,11 @@ class Dispatcher:
                 )
 
     def _fill(self) -> None:
+        if self.pool.broken is not None:
+            failure = Failure(WorkerCrashed.__name__, self.pool.broken)
+            for run in list(self._runs):
+                self._stop_run(run, "drop", "crashed", failure)
+            return
         while self.pool.capacity() > 0:
             batch = self._next_batch()
             if batch is None:

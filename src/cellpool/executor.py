@@ -230,6 +230,8 @@ class Executor(futures.Executor):
         with self._shutdown_lock:
             if self._closed:
                 raise RuntimeError("cannot use the executor after shutdown")
+            if self._pool.broken is not None:
+                raise RuntimeError(f"the executor is broken: {self._pool.broken}")
             run = Run(
                 fn,
                 items,

@@ -1,10 +1,11 @@
 """The loop of a worker process (this module runs in the child).
 
 Parent to worker, over the worker's own duplex pipe, cloudpickled:
-    ``(seq, run_id, job, args_list)``: run ``job`` (a pickled ``(fn, retry_on)``, or
-    ``None`` when this worker already holds the run's) over each arguments tuple;
-    ``None``: exit.
+    ``(seq, run_id, job, items)``: run ``job`` (a pickled ``(fn, star, retry_on)``, or
+    ``None`` when this worker already holds the run's) over each item, ``fn(*item)`` if
+    ``star`` else ``fn(item)``; ``None``: exit.
 Worker to parent:
+    ``("ready",)`` once started;
     ``("done", seq, start, count, final, outcomes)``: ``count`` outcomes of positions
     ``start``..., pickled apart so that the parent can still tell which tasks they were
     when it cannot unpickle them; ``("out", stream, text)``: what tasks printed.
@@ -162,6 +163,7 @@ def main(conn: Any, slot_fd: Any, init: bytes) -> None:
     channel = _Channel(conn)
     sys.stdout = _Forward(channel.send, "stdout")  # type: ignore[assignment]
     sys.stderr = _Forward(channel.send, "stderr")  # type: ignore[assignment]
+    channel.send(("ready",))
     init_failure = None
     try:
         initializer, initargs = pickle.loads(init)

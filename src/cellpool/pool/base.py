@@ -58,9 +58,13 @@ Report = Callable[[Any], None]
 
 
 class Pool(ABC):
-    """Workers of one kind. Every method is called from the dispatcher thread."""
+    """Workers of one kind. Every method is called from the dispatcher thread.
+
+    ``broken`` says why, once the pool can run nothing more (its workers cannot start).
+    """
 
     kind: str
+    broken: str | None = None
 
     @abstractmethod
     def capacity(self) -> int:

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing import reduction
 from multiprocessing.connection import wait
 from typing import Any
@@ -31,6 +31,7 @@ from .base import Completed, Pool, Report, Running, WorkerLost
 PREFETCH = 2  # batches queued per worker beyond the one it runs
 KILL_GRACE = 1.0  # seconds between SIGTERM and SIGKILL
 SHUTDOWN_GRACE = 5.0  # seconds an idle worker gets to exit before it is killed
+START_FAILURES = 3  # workers in a row dying before they are ready: the pool is broken
 
 
 def default_start_method() -> str:
@@ -54,6 +55,26 @@ class SharedFd:
 
 def _received_fd(dup: Any) -> SharedFd:
     return SharedFd(dup.detach())
+
+
+@contextlib.contextmanager
+def _main_left_alone() -> Iterator[None]:
+    """Keep multiprocessing from running the user's ``__main__`` again in a new worker.
+
+    Workers get every function by value (cloudpickle), so they never need it; and a
+    script without an ``if __name__ == "__main__"`` guard would start pools of its own.
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if name in vars(main)}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
 
 
 def _exit_reason(exitcode: int | None) -> str:
@@ -83,6 +104,7 @@ class _Worker:
         self.stopping: tuple[str, str] | None = None  # (status, reason) once killed
         self.kill_at: float | None = None
         self.retiring = False
+        self.ready = False  # set by the reader thread once the worker has started
         self.dead = False  # set by the reader thread
         self.eof = False  # set by the reader thread
 
@@ -114,6 +136,8 @@ class ProcessPool(Pool):
         self._workers: dict[str, _Worker] = {}
         self._serial = 0
         self._closing = False
+        self._start_failures = 0
+        self.broken: str | None = None
         self._wake_r, self._wake_w = os.pipe()
         for _ in range(workers):
             self._spawn()
@@ -132,7 +156,8 @@ class ProcessPool(Pool):
             daemon=True,
         )
         try:
-            process.start()
+            with _main_left_alone():
+                process.start()
         finally:
             child_end.close()
             os.close(fd)
@@ -161,6 +186,9 @@ class ProcessPool(Pool):
             message = pickle.loads(worker.conn.recv_bytes())
         except (EOFError, OSError):
             worker.eof = True
+            return
+        if message[0] == "ready":
+            worker.ready = True
             return
         if message[0] == "out":
             _, stream, text = message
@@ -265,7 +293,12 @@ class ProcessPool(Pool):
             event.culprit = (worker.in_flight[running[0]], running[1])
         event.unfinished = [(batch, 0) for batch in worker.in_flight.values()]
         self._discard(worker)
-        if not self._closing:
+        self._start_failures = 0 if worker.ready else self._start_failures + 1
+        if self._start_failures >= START_FAILURES:
+            self.broken = (
+                f"{START_FAILURES} worker processes in a row died while starting: {event.reason}"
+            )
+        elif not self._closing:
             self._spawn()
 
     def _release(self, worker: _Worker) -> None:
