@@ -13,12 +13,15 @@ Every workload runs on 2 worker processes:
 * 200 tasks of about 10 ms of pure-Python CPU each, cold: ``ProcessPoolExecutor``
   (chunksize=1), joblib, mpire and cellpool. The loop count is calibrated in the child,
   and the ideal is the same tasks' serial time, measured there before the pool starts,
-  divided by the 2 workers.
+  divided by the 2 workers. A row with no pool (the tasks dealt out to 2 bare forked
+  processes) shows how near the ideal the machine itself gets: on a shared virtual
+  machine, 2 busy processes can get much less than twice the CPU of one.
 * A 1,000,000-item generator through cellpool ``run``, cellpool ``map`` (consumed by a
   running sum) and ``ProcessPoolExecutor.map(chunksize=1000)``. Besides the wall time,
   a thread samples every 50 ms the RSS of the whole process tree (the measuring process,
-  the forkserver, the resource tracker and every worker, summed) and keeps the peak;
-  the measuring process's own peak (``VmHWM``, so Linux only) is reported too.
+  the forkserver, the resource tracker and every worker, summed, so that pages they
+  share count once per process) and keeps the peak; the measuring process's own peak
+  (``VmHWM``, so Linux only) is reported too.
 
 Every variant runs in a fresh subprocess of this script, so no variant inherits a warm
 pool, a started forkserver or another's memory. The peers are imported inside the
@@ -26,7 +29,7 @@ variants: a worker that re-imports this script (forkserver, spawn) pays only for
 standard library. It prints a markdown table and the targets cellpool should meet. Run
 it from the repository root::
 
-    python benchmarks/processes.py          # full run, a few minutes
+    python benchmarks/processes.py          # full run, under a minute
     python benchmarks/processes.py --quick  # 2,000 / 40 / 100,000 items, for smoke testing
 """
 
@@ -138,6 +141,22 @@ def ppe_map_sum(fn: Callable[[int], int], items: Iterable[int]) -> int:
         for value in pool.map(fn, items, chunksize=STREAM_CHUNK):
             total += value
     return total
+
+
+def bare_fork(fn: Callable[[int], int], items: Iterable[int]) -> None:
+    """No pool: the items dealt out to forked processes that return nothing, to show how
+    much parallel CPU the machine gives right now."""
+    every = list(items)
+    children = []
+    for share in (every[i::WORKERS] for i in range(WORKERS)):
+        pid = os.fork()
+        if pid == 0:
+            for x in share:
+                fn(x)
+            os._exit(0)
+        children.append(pid)
+    for pid in children:
+        os.waitpid(pid, 0)
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -296,6 +315,12 @@ CASES: dict[str, Case] = {
     "warm-ppe": Case("warm", "PPE.map, forkserver, chunksize=500", warm_ppe, "baseline"),
     "warm-cellpool": Case(
         "warm", "cellpool run, forkserver", warm_cellpool, "records included", peer="cellpool"
+    ),
+    "cpu-bare-fork": Case(
+        "cpu",
+        "2 bare forked processes, no pool",
+        partial(cpu, bare_fork),
+        "the machine's own limit",
     ),
     "cpu-ppe": Case(
         "cpu",

@@ -19,3 +19,10 @@ __all__ = [
     "run",
 ]
 __version__ = "0.1.0"
+
+
+def load_ipython_extension(shell: object) -> None:
+    """``%load_ext cellpool``: register ``%%parallel``, ``%parallel``, ``%parallel_config``."""
+    from .magics import load_ipython_extension as load
+
+    load(shell)

@@ -224,6 +224,17 @@ class Dispatcher:
     # -- the loop ------------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:
+            # A bug here must not leave callers waiting forever: end every run with it.
+            for run in self._runs:
+                run.input_error = RuntimeError(f"cellpool's dispatcher failed: {exc!r}")
+                run.sink.finish(run)
+                run.finished.set()
+            raise
+
+    def _serve(self) -> None:
         while True:
             try:
                 event = self._events.get(timeout=self._wait())

@@ -62,6 +62,20 @@ class Job:
             if self._sink.future.done() and self._view_thread is not None:
                 self._view_thread.join()
 
+    def _block(self) -> Results:
+        """``result()`` for a caller that holds the cell: Ctrl-C (a kernel interrupt)
+        cancels the run, waits briefly for the stop and re-raises."""
+        try:
+            # A timed wait: signal handlers run between waits even when the signal
+            # reached another thread.
+            while not self._run.finished.wait(REFRESH):
+                pass
+            return self.result()
+        except KeyboardInterrupt:
+            self.cancel()
+            self._run.finished.wait(INTERRUPT_GRACE)
+            raise
+
     def cancel(self) -> bool:
         """Stop the run: pending tasks are cancelled, running process tasks killed.
 
@@ -335,17 +349,7 @@ class Executor(futures.Executor):
         kernel interrupt) the run is cancelled and running process tasks are killed
         before ``KeyboardInterrupt`` propagates.
         """
-        job = self.start(fn, *iterables, **opts)
-        try:
-            # A timed wait: signal handlers (Ctrl-C, a kernel interrupt) run between waits
-            # even when the signal reached another thread.
-            while not job._run.finished.wait(REFRESH):
-                pass
-            return job.result()
-        except KeyboardInterrupt:
-            job.cancel()
-            job._run.finished.wait(INTERRUPT_GRACE)
-            raise
+        return self.start(fn, *iterables, **opts)._block()
 
     def workers_info(self) -> list[dict[str, Any]]:
         """The latest figures for each worker; see the README for the fields."""

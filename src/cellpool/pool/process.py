@@ -2,8 +2,9 @@
 
 The reader waits on every worker's pipe and process sentinel at once
 (``multiprocessing.connection.wait``) and only posts events: ``Completed`` for results,
-``WorkerLost`` for a death. Everything else (routing, kills, replacements) happens in
-the dispatcher thread, in ``send``, ``stop`` and ``settle``.
+``WorkerLost`` for a death. Everything else (routing, kills, reaping, replacements)
+happens in the dispatcher thread, in ``send``, ``stop`` and ``settle``: two threads
+reaping one process would race for its exit status.
 """
 
 from __future__ import annotations
@@ -207,14 +208,8 @@ class ProcessPool(Pool):
         while not worker.eof and worker.conn.poll(0):
             self._receive(worker)  # results sent before it died still count
         worker.dead = True
-        if self._closing:
-            return
-        worker.process.join(KILL_GRACE)  # its sentinel can fire before its exit code is in
-        self._report(
-            WorkerLost(
-                worker.id, worker.pid, "crashed", _exit_reason(worker.process.exitcode), None
-            )
-        )
+        if not self._closing:
+            self._report(WorkerLost(worker.id, worker.pid, "crashed", "", None))
 
     # -- the dispatcher's side -----------------------------------------------------
 
@@ -284,15 +279,17 @@ class ProcessPool(Pool):
                     self._release(worker)
             return
         worker = self._workers.pop(event.worker)
-        if worker.stopping is not None:
-            event.status, event.reason = worker.stopping
-        elif worker.retiring and not worker.in_flight and worker.process.exitcode == 0:
-            event.status = "retired"
         running = worker.slot.read()
         if running is not None and running[0] in worker.in_flight:
             event.culprit = (worker.in_flight[running[0]], running[1])
+        exitcode = self._discard(worker)
+        if worker.stopping is not None:
+            event.status, event.reason = worker.stopping
+        elif worker.retiring and not worker.in_flight and exitcode == 0:
+            event.status = "retired"
+        else:
+            event.reason = _exit_reason(exitcode)
         event.unfinished = [(batch, 0) for batch in worker.in_flight.values()]
-        self._discard(worker)
         self._start_failures = 0 if worker.ready else self._start_failures + 1
         if self._start_failures >= START_FAILURES:
             self.broken = (
@@ -306,14 +303,18 @@ class ProcessPool(Pool):
         with contextlib.suppress(OSError):
             worker.conn.send_bytes(pickle.dumps(None))
 
-    def _discard(self, worker: _Worker) -> None:
+    def _discard(self, worker: _Worker) -> int | None:
+        """Reap the worker's process (killing it if it lingers), free its resources,
+        and return its exit code."""
         worker.process.join(SHUTDOWN_GRACE)
         if worker.process.is_alive():
             worker.process.kill()
             worker.process.join()
+        exitcode = worker.process.exitcode
         worker.process.close()
         worker.conn.close()
         worker.slot.close()
+        return exitcode
 
     def running(self) -> list[Running]:
         busy = []
@@ -353,7 +354,7 @@ class ProcessPool(Pool):
                 batch = worker.in_flight.get(seq)
                 task = batch.indices[position] if batch is not None else None
             if worker.dead:
-                state, reason = "dead", _exit_reason(worker.process.exitcode)
+                state, reason = "dead", "the worker process died"
             elif worker.stopping is not None:
                 state, reason = "dead", worker.stopping[1]
             elif worker.retiring:
