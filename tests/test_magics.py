@@ -1,0 +1,223 @@
+"""%%parallel, %parallel and %parallel_config, in an IPython shell and in a real kernel."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import nbformat
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from nbclient import NotebookClient
+
+import cellpool
+
+
+@pytest.fixture(scope="session")
+def ipython():
+    """The shell lives for the session (its history database holds fds open)."""
+    return InteractiveShell.instance()
+
+
+@pytest.fixture
+def shell(ipython):
+    ip = ipython
+    ip.run_line_magic("load_ext", "cellpool")
+    magics = ip.magics_manager.registry["ParallelMagics"]
+    magics.defaults = {"kind": "thread"}
+    yield ip
+    magics.close()
+    ip.user_ns.pop("big", None)
+
+
+def run(ip, source):
+    """Run a cell; return its value, raising what it raised."""
+    outcome = ip.run_cell(source)
+    outcome.raise_error()
+    return outcome.result
+
+
+def test_a_process_cell_uses_classes_functions_and_globals_from_earlier_cells(shell):
+    run(
+        shell,
+        "class Scaler:\n"
+        "    def __init__(self, k):\n"
+        "        self.k = k\n"
+        "    def apply(self, x):\n"
+        "        return self.k * x\n"
+        "def helper(x):\n"
+        "    return x + 1\n"
+        "offset = 100\n",
+    )
+    results = run(
+        shell,
+        "%%parallel x in range(-3, 3) -k process -w 2 -o res\n"
+        "import os\n"
+        "y = helper(x)\n"
+        "Scaler(3).apply(y) + offset, os.getpid()\n",
+    )
+    assert isinstance(results, cellpool.Results)
+    assert shell.user_ns["res"] is results
+    assert [value for value, _ in results.values] == [94, 97, 100, 103, 106, 109]
+    assert os.getpid() not in {pid for _, pid in results.values}
+
+
+def test_any_for_loop_target_works(shell):
+    results = run(
+        shell,
+        "%%parallel i, (a, b) in enumerate(zip('xy', [10, 20]))\nf'{i}{a}{b}'\n",
+    )
+    assert results.values == ["0x10", "1y20"]
+
+
+def test_statements_run_as_written_and_the_last_expression_is_the_value(shell):
+    results = run(
+        shell,
+        "%%parallel x in range(3)\ntotal = 0\nfor k in range(x + 1):\n    total += k\ntotal\n",
+    )
+    assert results.values == [0, 1, 3]
+    assert run(shell, "%%parallel x in range(2)\ny = x * 2\n").values == [None, None]
+
+
+def test_threads_see_the_live_namespace(shell):
+    run(shell, "factor = 7")
+    assert run(shell, "%%parallel x in [1, 2]\nx * factor\n").values == [7, 14]
+
+
+def test_errors_are_records_whose_traceback_points_at_the_cell_body(shell):
+    results = run(shell, "%%parallel x in range(4)\ny = x - 2\n1 / y\n")
+    failed = results.errors
+    assert [r.index for r in failed] == [2]
+    assert failed[0].error_type == "ZeroDivisionError"
+    assert "line 2, in cell" in failed[0].traceback
+    assert "1 / y" in failed[0].traceback
+    assert "cellpool" not in failed[0].traceback
+
+
+def test_the_line_form_runs_an_existing_function(shell):
+    run(shell, "def square(v):\n    return v * v\n")
+    assert run(shell, "%parallel square range(4) -w 2").values == [0, 1, 4, 9]
+
+
+def test_background_stores_a_job_and_returns_at_once(shell):
+    run(shell, "import threading\ngate = threading.Event()")
+    value = run(shell, "%%parallel x in range(3) --background -o job\ngate.wait(10) and x\n")
+    assert value is None
+    job = shell.user_ns["job"]
+    assert isinstance(job, cellpool.Job)
+    assert not job.done()
+    shell.user_ns["gate"].set()
+    assert job.result(timeout=10).values == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        ("%%parallel x range(3)", "expected 'TARGET in ITERABLE [options]'"),
+        ("%%parallel x in range(3) --colour red", "unrecognized arguments: --colour red"),
+        ("%%parallel x in range(3) -w zero", "invalid int value: 'zero'"),
+        ("%%parallel x in range(3) -w 0", "workers must be a positive integer"),
+        ("%%parallel x in range(3) -k gpu", "invalid choice: 'gpu'"),
+        ("%%parallel x in range(3) --timeout", "expected one argument"),
+    ],
+)
+def test_malformed_lines_are_one_line_usage_errors(shell, line, words):
+    outcome = shell.run_cell(f"{line}\nx\n")
+    error = outcome.error_in_exec
+    assert type(error).__name__ == "UsageError"
+    assert words in str(error)
+    assert "\n" not in str(error)
+
+
+def test_the_line_form_reports_a_malformed_line(shell):
+    error = shell.run_cell("%parallel square").error_in_exec
+    assert type(error).__name__ == "UsageError"
+    assert "expected 'FN ITERABLE [options]'" in str(error)
+
+
+def test_parallel_config_sets_and_shows_the_session_defaults(shell):
+    assert run(shell, "%parallel_config") == {"kind": "thread"}
+    run(shell, "%parallel_config -k process -w 2 --retries 1")
+    assert run(shell, "%parallel_config") == {"kind": "process", "workers": 2, "retries": 1}
+    first = run(shell, "%%parallel x in range(4)\nimport os\nos.getpid()\n").values
+    second = run(shell, "%%parallel x in range(4)\nimport os\nos.getpid()\n").values
+    executors = list(shell.magics_manager.registry["ParallelMagics"]._executors.values())
+    assert len(executors) == 1  # one warm pool serves both cells
+    assert executors[0].kind == "process" and executors[0].workers == 2
+    workers = {row["pid"] for row in executors[0].workers_info()}
+    assert set(first) | set(second) <= workers
+    assert os.getpid() not in workers
+
+
+def test_an_unrelated_large_object_is_not_shipped_to_process_workers(shell):
+    shell.user_ns["big"] = bytearray(200 * 2**20)
+    shell.user_ns["small"] = 5
+    results = run(
+        shell,
+        "%%parallel x in range(2) -k process -w 1\n"
+        "import psutil\n"
+        "'big' in globals(), small + x, psutil.Process().memory_info().rss\n",
+    )
+    for has_big, _, rss in results.values:
+        assert has_big is False
+        assert rss < 100 * 2**20
+    assert [value for _, value, _ in results.values] == [5, 6]
+
+
+def test_an_interrupt_stores_the_partial_results_before_propagating(shell):
+    run(shell, "import threading\ngate = threading.Event()")
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    outcome = shell.run_cell("%%parallel x in range(6) -w 2 -o partial\ngate.wait(20) and x\n")
+    shell.user_ns["gate"].set()
+    assert isinstance(outcome.error_in_exec, KeyboardInterrupt)
+    partial = shell.user_ns["partial"]
+    assert isinstance(partial, cellpool.Results)
+    assert len(partial) == 6
+    assert {r.status for r in partial} == {"cancelled"}
+
+
+def execute(sources: list[str]) -> list[list[dict]]:
+    """Run cells in a fresh kernel; the outputs of each cell."""
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in sources])
+    NotebookClient(notebook, timeout=60, allow_errors=True, kernel_name="python3").execute()
+    return [cell.outputs for cell in notebook.cells]
+
+
+@pytest.fixture(scope="session")
+def kernel_clients():
+    """jupyter_client keeps a zmq context and an event loop per process, made on first use
+    and held for the session: make them before any test counts fds."""
+    execute(["1"])
+    return execute
+
+
+def test_cells_in_a_real_kernel(kernel_clients):
+    cells = [
+        "%load_ext cellpool",
+        "class Box:\n    def __init__(self, v):\n        self.v = v\n"
+        "def unbox(b):\n    return b.v\nbase = 10",
+        "%%parallel i, c in enumerate('abc') -k process -w 2 -o res\nunbox(Box(base)) + i",
+        "res.values",
+        "%%parallel x in range(3) --background -o job\nx * 2",
+        "job.result(timeout=30).values",
+        "%%parallel x in range(3) --bogus\nx",
+    ]
+    outputs = kernel_clients(cells)
+
+    def text(i):
+        return "".join(o.get("data", {}).get("text/plain", "") for o in outputs[i])
+
+    assert "3 tasks: 3 ok" in text(2)
+    assert "cellpool" in outputs[2][0]["data"]["text/html"]
+    assert text(3) == "[10, 11, 12]"
+    assert outputs[4] == []
+    assert text(5) == "[0, 2, 4]"
+    assert outputs[6] == [
+        nbformat.NotebookNode(
+            output_type="stream",
+            name="stderr",
+            text="UsageError: %%parallel: unrecognized arguments: --bogus\n",
+        )
+    ]
