@@ -3,10 +3,29 @@
 Live progress and per-worker resources while it runs, one record per input after.
 """
 
-from .errors import RemoteError, TaskCancelled, TaskTimeout, WorkerCrashed
-from .executor import Executor, Job, run
-from .results import Results, TaskResult
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .errors import RemoteError, TaskCancelled, TaskTimeout, WorkerCrashed
+    from .executor import Executor, Job, run
+    from .results import Results, TaskResult
+
+# Public names load on first use, so that a worker process, which imports only
+# cellpool.worker, does not pay for the executor's imports.
+_EXPORTS = {
+    "Executor": "executor",
+    "Job": "executor",
+    "run": "executor",
+    "Results": "results",
+    "TaskResult": "results",
+    "RemoteError": "errors",
+    "TaskCancelled": "errors",
+    "TaskTimeout": "errors",
+    "WorkerCrashed": "errors",
+}
 __all__ = [
     "Executor",
     "Job",
@@ -21,7 +40,19 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def load_ipython_extension(shell: object) -> None:
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cellpool' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+def load_ipython_extension(shell: Any) -> None:
     """``%load_ext cellpool``: register ``%%parallel``, ``%parallel``, ``%parallel_config``."""
     from .magics import load_ipython_extension as load
 

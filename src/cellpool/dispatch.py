@@ -107,6 +107,7 @@ class Run:
         self.max_pending = max_pending
         self.next_index = 0
         self.in_flight = 0  # taken from the input and not yet recorded
+        self.starved = False  # no room left: a consumer of map() must wake the dispatcher
         self.exhausted = False
         self.cancelled = False  # read by worker threads to skip the rest of a batch
         self.input_error: BaseException | None = None
@@ -138,12 +139,10 @@ class Run:
     def batch_size(self, workers: int) -> int:
         if self.item_seconds is None:
             return 1  # measure before batching
+        # A batch holds about TARGET_BATCH_SECONDS of work, so the last ones leave workers
+        # idle for no longer than that: no need to shrink them near the end.
         size = int(TARGET_BATCH_SECONDS / max(self.item_seconds, 1e-7))
-        size = min(size, max(1, self.max_pending // (2 * workers)))
-        if self.total is not None:
-            # near the end, smaller batches keep every worker busy to the last task
-            size = min(size, max(1, (self.total - self.next_index) // (2 * workers)))
-        return max(1, size)
+        return max(1, min(size, self.max_pending // (2 * workers)))
 
     def take(self, count: int) -> Batch | None:
         """A fresh batch of up to ``count`` inputs, or ``None`` if the input has ended."""
@@ -479,6 +478,7 @@ class Dispatcher:
             if run.exhausted or run.cancelled:
                 continue
             count = min(run.batch_size(self.workers), run.room())
+            run.starved = count <= 0
             limit = self.pool.batch_limit()
             if limit is not None:
                 count = min(count, limit)

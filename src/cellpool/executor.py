@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -21,9 +20,10 @@ from .view import TextProgress, make_view, normalize_progress
 
 REFRESH = 0.1  # seconds between progress redraws: at most ten a second
 INTERRUPT_GRACE = 2.0  # how long Ctrl-C waits for the stop before re-raising
-# Default max_pending per worker. Only tasks measured tiny fill it, in batches; slow
-# tasks travel one at a time, a couple per worker.
-PENDING_PER_WORKER = 1024
+# Default max_pending per worker. A batch holds about 10 ms of measured work and each
+# worker has at most two, so only microsecond tasks come near this cap; it lets them
+# travel in batches big enough to cost about what a plain loop does.
+PENDING_PER_WORKER = 4096
 RUN_OPTIONS = ("timeout", "retries", "retry_on", "max_pending", "progress", "total")
 
 
@@ -95,6 +95,8 @@ class Job:
         return self._sink.snapshot()
 
     def __await__(self) -> Generator[Any, None, Results]:
+        import asyncio  # only for those who await: it is slow to import
+
         return asyncio.wrap_future(self._sink.future).__await__()
 
     def __repr__(self) -> str:
@@ -302,7 +304,9 @@ class Executor(futures.Executor):
                     ok, value = sink.next(deadline)
                 except StopIteration:
                     return
-                self._dispatcher.post(Wake())
+                if run.starved:  # the window was full: there is room again
+                    run.starved = False
+                    self._dispatcher.post(Wake())
                 if not ok:
                     raise value
                 yield value

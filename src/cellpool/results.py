@@ -106,7 +106,7 @@ class Results(Sequence[TaskResult]):
     )
 
     def __init__(self, records: Iterable[TaskResult] = ()) -> None:
-        self._index = array("q")
+        self._index: array[int] | None = None  # None while every index equals its position
         self._item: list[Any] = []
         self._status = bytearray()
         self._value: list[Any] = []
@@ -158,7 +158,10 @@ class Results(Sequence[TaskResult]):
         if position >= len(self._status):
             self._grow(position + 1)
         code = self._worker_code(worker, pid)
-        self._index[position] = index
+        if self._index is None and index != position:
+            self._index = array("q", range(len(self._status)))
+        if self._index is not None:
+            self._index[position] = index
         self._item[position] = item
         self._status[position] = _CODE[status]
         self._value[position] = value
@@ -209,7 +212,8 @@ class Results(Sequence[TaskResult]):
         if hi > len(self._status):
             self._grow(hi)
         no_times = array("d", [_NAN]) * count
-        self._index[lo:hi] = array("q", indices)
+        if self._index is not None:
+            self._index[lo:hi] = array("q", indices)
         self._item[lo:hi] = items
         self._status[lo:hi] = bytes([_CODE[status]]) * count
         self._value[lo:hi] = [None] * count if values is None else values
@@ -231,7 +235,8 @@ class Results(Sequence[TaskResult]):
 
     def _grow(self, size: int) -> None:
         extra = size - len(self._status)
-        self._index.extend(range(len(self._status), size))
+        if self._index is not None:
+            self._index.extend(range(len(self._status), size))
         self._item.extend([None] * extra)
         self._status.extend(bytes([_UNFILLED]) * extra)
         self._value.extend([None] * extra)
@@ -248,10 +253,11 @@ class Results(Sequence[TaskResult]):
 
     def _select(self, positions: Iterable[int]) -> Results:
         out = Results()
+        out._index = array("q")
         out._workers = list(self._workers)
         out._worker_codes = dict(self._worker_codes)
         for position in positions:
-            out._index.append(self._index[position])
+            out._index.append(self._index_at(position))
             out._item.append(self._item[position])
             out._status.append(self._status[position])
             out._value.append(self._value[position])
@@ -268,6 +274,9 @@ class Results(Sequence[TaskResult]):
 
     # -- reading -------------------------------------------------------------------
 
+    def _index_at(self, position: int) -> int:
+        return position if self._index is None else self._index[position]
+
     def _record(self, position: int) -> TaskResult:
         failure = self._failure.get(position)
         worker, pid = self._workers[self._worker[position]]
@@ -275,7 +284,7 @@ class Results(Sequence[TaskResult]):
         timed = not (math.isnan(started) or math.isnan(finished))
         duration = finished - started if timed else None
         return TaskResult(
-            index=self._index[position],
+            index=self._index_at(position),
             item=self._item[position],
             status=STATUSES[self._status[position]],
             value=self._value[position],
@@ -363,7 +372,7 @@ class Results(Sequence[TaskResult]):
         started = [None if math.isnan(t) else t for t in self._started]
         finished = [None if math.isnan(t) else t for t in self._finished]
         columns = {
-            "index": list(self._index),
+            "index": list(range(len(self))) if self._index is None else list(self._index),
             "item": list(self._item),
             "status": [STATUSES[code] for code in self._status],
             "value": list(self._value),
