@@ -168,10 +168,11 @@ class ProcessPool(Pool):
     # -- the reader thread ---------------------------------------------------------
 
     def _read(self) -> None:
-        while True:
+        # The reader touches a worker's pipe and process only while it is alive and the
+        # pool open: the dispatcher closes them only after the reader saw the worker die
+        # (it is then left out here) or, in shutdown, after this thread has ended.
+        while not self._closing:
             workers = [w for w in list(self._workers.values()) if not w.dead]
-            if self._closing and not workers:
-                return
             conns = {w.conn: w for w in workers if not w.eof}
             sentinels = {w.process.sentinel: w for w in workers}
             for ready in wait([*conns, *sentinels, self._wake_r]):
@@ -377,14 +378,13 @@ class ProcessPool(Pool):
 
     def shutdown(self, wait: bool) -> None:
         self._closing = True
-        workers = list(self._workers.values())
-        for worker in workers:
-            self._release(worker)
-        for worker in workers:
-            self._discard(worker)
-        self._workers.clear()
         os.write(self._wake_w, b"w")
         self._reader.join()
+        for worker in self._workers.values():
+            self._release(worker)
+        for worker in self._workers.values():
+            self._discard(worker)
+        self._workers.clear()
         os.close(self._wake_r)
         os.close(self._wake_w)
 
