@@ -206,14 +206,21 @@ def test_cells_in_a_real_kernel(kernel_clients):
     ]
     outputs = kernel_clients(cells)
 
-    def text(i):
-        return "".join(o.get("data", {}).get("text/plain", "") for o in outputs[i])
+    def result(i, mime="text/plain"):
+        (out,) = [o for o in outputs[i] if o["output_type"] == "execute_result"]
+        return out["data"][mime]
 
-    assert "3 tasks: 3 ok" in text(2)
-    assert "cellpool" in outputs[2][0]["data"]["text/html"]
-    assert text(3) == "[10, 11, 12]"
-    assert outputs[4] == []
-    assert text(5) == "[0, 2, 4]"
+    def shown(i):
+        return [o["data"]["text/plain"] for o in outputs[i] if o["output_type"] == "display_data"]
+
+    assert "3 tasks: 3 ok" in result(2)
+    assert "cellpool" in result(2, "text/html")
+    view, summary = shown(2)
+    assert view == "cellpool live view: %%parallel [process x2]"
+    assert summary.startswith("%%parallel [process x2] 3 | 0 errors")
+    assert result(3) == "[10, 11, 12]"
+    assert [o["output_type"] for o in outputs[4]] == ["display_data", "display_data"]
+    assert result(5) == "[0, 2, 4]"
     assert outputs[6] == [
         nbformat.NotebookNode(
             output_type="stream",

@@ -10,15 +10,15 @@ from typing import Any
 
 from . import options as check
 from .dispatch import AddRun, CancelRun, Dispatcher, Run, Shutdown, Wake
-from .monitor import Sampler
+from .monitor import Monitor
 from .pool.base import Pool
 from .pool.process import ProcessPool
 from .pool.thread import ThreadPool
 from .results import Results
 from .sinks import FutureSink, OrderedSink, RecordSink
-from .view import TextProgress, make_view, normalize_progress
+from .view import View, make_view, no_events, normalize_progress
 
-REFRESH = 0.1  # seconds between progress redraws: at most ten a second
+POLL = 0.05  # how often a blocking wait lets widget events and signals through
 INTERRUPT_GRACE = 2.0  # how long Ctrl-C waits for the stop before re-raising
 # Default max_pending per worker. A batch holds about 10 ms of measured work and each
 # worker has at most two, so only microsecond tasks come near this cap; it lets them
@@ -33,21 +33,33 @@ class Job:
     Await it, or call ``result()``; ``partial()`` gives the records finished so far.
     """
 
-    def __init__(self, run: Run, sink: RecordSink, executor: Executor, view: Any) -> None:
+    def __init__(
+        self,
+        run: Run,
+        sink: RecordSink,
+        executor: Executor,
+        progress: str,
+        label: str,
+        background: bool,
+    ) -> None:
         self._run = run
         self._sink = sink
         self._executor = executor
+        self._background = background
+        self._view = make_view(progress, run, label, executor._monitor, self.cancel, background)
         self._view_thread: threading.Thread | None = None
-        if view is not None:
+        if self._view is not None:
             self._view_thread = threading.Thread(
-                target=self._show, args=(view,), name="cellpool-progress", daemon=True
+                target=self._show, args=(self._view,), name="cellpool-progress", daemon=True
             )
             self._view_thread.start()
 
-    def _show(self, view: TextProgress) -> None:
-        while not self._run.finished.wait(REFRESH):
+    def _show(self, view: View) -> None:
+        while not self._run.finished.wait(view.refresh):
             view.update()
         view.update(final=True)
+        if self._background:
+            view.finish()  # a blocking run finishes from the cell's own thread
 
     def result(self, timeout: float | None = None) -> Results:
         """Wait for the run to end and return every record.
@@ -63,18 +75,24 @@ class Job:
                 self._view_thread.join()
 
     def _block(self) -> Results:
-        """``result()`` for a caller that holds the cell: Ctrl-C (a kernel interrupt)
-        cancels the run, waits briefly for the stop and re-raises."""
+        """``result()`` for a caller that holds the cell: widget events (Cancel) get
+        through while it waits; Ctrl-C (a kernel interrupt) cancels the run, waits
+        briefly for the stop and re-raises."""
         try:
-            # A timed wait: signal handlers run between waits even when the signal
-            # reached another thread.
-            while not self._run.finished.wait(REFRESH):
-                pass
-            return self.result()
+            with self._view.events() if self._view else no_events() as let_events_through:
+                # A timed wait: signal handlers run between waits even when the signal
+                # reached another thread.
+                while not self._run.finished.wait(POLL):
+                    let_events_through()
         except KeyboardInterrupt:
             self.cancel()
             self._run.finished.wait(INTERRUPT_GRACE)
             raise
+        finally:
+            if self._view is not None and self._run.finished.is_set():
+                self._view_thread.join()  # type: ignore[union-attr]
+                self._view.finish()
+        return self.result()
 
     def cancel(self) -> bool:
         """Stop the run: pending tasks are cancelled, running process tasks killed.
@@ -172,11 +190,11 @@ class Executor(futures.Executor):
             check.start_method(start_method)
         if initializer is not None:
             check.callable_fn("initializer", initializer)
-        self._sampler = Sampler()
         self._pool = self._make_pool(
             initializer, tuple(initargs), start_method, max_tasks_per_worker
         )
         self._dispatcher = Dispatcher(self._pool, self.workers)
+        self._monitor = Monitor(self._pool.workers_info)
         self._shutdown_lock = threading.Lock()
         self._closed = False
 
@@ -326,6 +344,7 @@ class Executor(futures.Executor):
                 event = Shutdown(cancel_futures)
                 self._dispatcher.post(event)
                 event.handled.wait()  # pending work is cancelled before we return
+                self._monitor.stop()
         if wait:
             self._dispatcher.thread.join()
 
@@ -338,13 +357,23 @@ class Executor(futures.Executor):
         ``max_pending`` and ``progress`` for this run; ``total`` tells the progress view
         how many inputs a generator will yield.
         """
-        merged = self._options("start", opts)
-        inputs = self._inputs("start", fn, iterables)
+        return self._start("start", fn, iterables, opts, background=True)
+
+    def _start(
+        self,
+        caller: str,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        opts: dict[str, Any],
+        background: bool,
+    ) -> Job:
+        merged = self._options(caller, opts)
+        inputs = self._inputs(caller, fn, iterables)
         sink = RecordSink()
         run = self._new_run(fn, inputs, sink, merged)
         name = getattr(fn, "__name__", type(fn).__name__)
-        view = make_view(merged["progress"], run, f"{name} [{self.kind} x{self.workers}]")
-        return Job(run, sink, self, view)
+        label = f"{name} [{self.kind} x{self.workers}]"
+        return Job(run, sink, self, merged["progress"], label, background)
 
     def run(self, fn: Callable[..., Any], *iterables: Iterable[Any], **opts: Any) -> Results:
         """Run ``fn`` over the inputs and return a record for every input.
@@ -353,11 +382,11 @@ class Executor(futures.Executor):
         kernel interrupt) the run is cancelled and running process tasks are killed
         before ``KeyboardInterrupt`` propagates.
         """
-        return self.start(fn, *iterables, **opts)._block()
+        return self._start("run", fn, iterables, opts, background=False)._block()
 
     def workers_info(self) -> list[dict[str, Any]]:
         """The latest figures for each worker; see the README for the fields."""
-        return self._sampler.enrich(self._pool.workers_info())
+        return self._monitor.sample().workers
 
     def __repr__(self) -> str:
         state = "shut down" if self._closed else "running"

@@ -109,7 +109,9 @@ def cell_function(target: str, body: str, namespace: dict[str, Any]) -> Callable
     linecache.cache[filename] = (len(body), None, lines, filename)
     scope: dict[str, Any] = {}
     exec(compile(module, filename, "exec"), namespace, scope)
-    return scope["cell"]
+    function = scope["cell"]
+    function.__name__ = "%%parallel"  # how the live view names the run
+    return function
 
 
 @magics_class
@@ -155,12 +157,13 @@ class ParallelMagics(Magics):
         run_options = {
             name: options[name] for name in ("timeout", "retries", "progress") if name in options
         }
+        background = bool(options.get("background"))
         try:
-            job = executor.start(fn, items, **run_options)
+            job = executor._start("parallel", fn, (items,), run_options, background)
         except (ValueError, TypeError) as error:
             raise UsageError(str(error)) from None
         out = options.get("out")
-        if options.get("background"):
+        if background:
             if out:
                 self.shell.user_ns[out] = job
                 return None

@@ -1,11 +1,38 @@
-"""psutil figures for workers: CPU %, memory, open files, threads."""
+"""psutil figures for workers and the machine, sampled a few times a second.
+
+One ``Monitor`` thread per executor keeps the latest sample; ``workers_info()``, the live
+views and (later) dispatch decisions all read that sample instead of asking psutil again.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
+
+SAMPLE_SECONDS = 0.25
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The machine's CPU use (percent of all cores) and memory, in bytes."""
+
+    cpu_percent: float
+    memory_available: int
+    memory_total: int
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampling of every worker (rows as in ``Executor.workers_info``) and the machine."""
+
+    workers: list[dict[str, Any]]
+    machine: Machine
+    taken: float = field(default_factory=time.time)
 
 
 class Sampler:
@@ -34,27 +61,31 @@ class Sampler:
             return 0.0
         return 100.0 * (cpu_seconds - before[0]) / (now - before[1])
 
+    def _figures(self, pid: int, threads: bool) -> dict[str, Any]:
+        try:
+            process = self._process(pid)
+            with process.oneshot():
+                cpu = process.cpu_times()
+                figures = {
+                    "cpu_seconds": cpu.user + cpu.system,
+                    "rss": process.memory_info().rss,
+                    "fds": process.num_fds(),
+                    "threads": process.num_threads(),
+                }
+                if threads:
+                    figures["thread_cpu"] = {
+                        t.id: t.user_time + t.system_time for t in process.threads()
+                    }
+                return figures
+        except psutil.Error:
+            return {}
+
     def enrich(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         live = {row["pid"] for row in rows if row["pid"] is not None}
         for pid in set(self._processes) - live:
             del self._processes[pid]
-        figures: dict[int, dict[str, Any]] = {}
-        for pid in live:
-            try:
-                process = self._process(pid)
-                with process.oneshot():
-                    cpu = process.cpu_times()
-                    figures[pid] = {
-                        "cpu_seconds": cpu.user + cpu.system,
-                        "rss": process.memory_info().rss,
-                        "fds": process.num_fds(),
-                        "threads": process.num_threads(),
-                        "thread_cpu": {
-                            t.id: t.user_time + t.system_time for t in process.threads()
-                        },
-                    }
-            except psutil.Error:
-                figures[pid] = {}
+        with_threads = {row["pid"] for row in rows if row.get("native_id") is not None}
+        figures = {pid: self._figures(pid, pid in with_threads) for pid in live}
         for row in rows:
             proc = figures.get(row["pid"], {})
             native_id = row.get("native_id")
@@ -72,3 +103,36 @@ class Sampler:
             row["fds"] = proc.get("fds")
             row["threads"] = proc.get("threads")
         return rows
+
+
+def machine() -> Machine:
+    """The machine's figures now (CPU % since the previous call)."""
+    memory = psutil.virtual_memory()
+    return Machine(psutil.cpu_percent(None), memory.available, memory.total)
+
+
+class Monitor:
+    """Samples ``rows()`` (a pool's ``workers_info``) and the machine in one thread."""
+
+    def __init__(self, rows: Callable[[], list[dict[str, Any]]]) -> None:
+        self._rows = rows
+        self._sampler = Sampler()
+        self._lock = threading.Lock()  # one sampling at a time: CPU % needs the order
+        self._stop = threading.Event()
+        self.latest = self.sample()
+        self._thread = threading.Thread(target=self._watch, name="cellpool-monitor", daemon=True)
+        self._thread.start()
+
+    def sample(self) -> Sample:
+        """Take a sample now (it also becomes the latest)."""
+        with self._lock:
+            self.latest = Sample(self._sampler.enrich(self._rows()), machine())
+            return self.latest
+
+    def _watch(self) -> None:
+        while not self._stop.wait(SAMPLE_SECONDS):
+            self.sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()

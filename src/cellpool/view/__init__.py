@@ -1,33 +1,82 @@
-"""What users see while work runs: a text line in a terminal (a widget in a notebook)."""
+"""What users see while work runs: a widget in a notebook, a text line in a terminal.
+
+A view has ``refresh`` (seconds between updates), ``update(final=False)`` (called by the
+job's view thread), ``finish()`` (leave a summary) and ``events()`` (a context manager
+giving a function that lets UI events through while a cell blocks).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .text import TextProgress
 
 if TYPE_CHECKING:
     from ..dispatch import Run
+    from ..monitor import Monitor
 
-PROGRESS_MODES = ("auto", "text", "none")
+PROGRESS_MODES = ("auto", "widget", "text", "none")
 
 
-def normalize_progress(progress: str | bool) -> str:
+class View(Protocol):
+    refresh: float
+
+    def update(self, final: bool = False) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def events(self) -> contextlib.AbstractContextManager[Callable[[], None]]: ...
+
+
+def normalize_progress(progress: str | bool | None) -> str:
     """``True``/``False`` mean ``"auto"``/``"none"``; anything unknown is a ``ValueError``."""
     if progress is True:
         return "auto"
     if progress is False or progress is None:
         return "none"
     if progress not in PROGRESS_MODES:
-        raise ValueError(f"progress must be one of {PROGRESS_MODES}, got {progress!r}")
+        raise ValueError(f"progress must be one of {PROGRESS_MODES}; got {progress!r}")
     return progress
 
 
-def make_view(progress: str, run: Run, label: str) -> TextProgress | None:
-    """The view ``progress`` asks for here, or ``None`` for no display."""
+def in_kernel() -> bool:
+    """True inside a Jupyter kernel (where widgets can be shown)."""
+    shell = sys.modules.get("IPython") and sys.modules["IPython"].get_ipython()
+    return getattr(shell, "kernel", None) is not None
+
+
+@contextlib.contextmanager
+def no_events() -> Iterator[Callable[[], None]]:
+    yield lambda: None
+
+
+def make_view(
+    progress: str,
+    run: Run,
+    label: str,
+    monitor: Monitor,
+    cancel: Callable[[], Any],
+    background: bool,
+) -> View | None:
+    """The view ``progress`` asks for here, or ``None`` for no display.
+
+    ``"auto"`` is the widget inside a kernel, the text line when stderr is a terminal,
+    and nothing otherwise.
+    """
     if progress == "auto":
-        progress = "text" if sys.stderr is not None and sys.stderr.isatty() else "none"
+        if in_kernel():
+            progress = "widget"
+        elif sys.stderr is not None and sys.stderr.isatty():
+            progress = "text"
+        else:
+            return None
+    if progress == "widget":
+        from .widget import WidgetProgress
+
+        return WidgetProgress(run, label, monitor, cancel, background)
     if progress == "text":
         return TextProgress(run, label, sys.stderr)
     return None

@@ -2,34 +2,22 @@
 
 from __future__ import annotations
 
-import time
+import contextlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
+
+from .figures import figures_of, summary_line
 
 if TYPE_CHECKING:
     from ..dispatch import Run
 
-
-def clock(seconds: float) -> str:
-    """``75`` -> ``"1:15"``, ``3725`` -> ``"1:02:05"``."""
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def progress_line(run: Run, label: str, final: bool = False) -> str:
-    """done/total, errors, rate, elapsed and ETA of ``run`` in one line."""
-    done, total = run.done, run.total
-    elapsed = time.monotonic() - run.created
-    rate = done / elapsed if elapsed > 0 else 0.0
-    count = f"{done:,}/{total:,} ({100 * done / total:.0f}%)" if total else f"{done:,}"
-    parts = [f"{label} {count}", f"{run.failed:,} errors", f"{rate:,.1f}/s", clock(elapsed)]
-    if total and not final and rate > 0:
-        parts.append(f"eta {clock((total - done) / rate)}")
-    return " | ".join(parts)
+REFRESH = 0.1  # seconds between redraws: at most ten a second
 
 
 class TextProgress:
-    """Redraws ``progress_line`` on ``stream``; the caller paces the updates."""
+    """Redraws the run's summary line on ``stream``."""
+
+    refresh = REFRESH
 
     def __init__(self, run: Run, label: str, stream: TextIO) -> None:
         self._run = run
@@ -38,7 +26,15 @@ class TextProgress:
         self._width = 0
 
     def update(self, final: bool = False) -> None:
-        line = progress_line(self._run, self._label, final)
+        line = summary_line(self._label, figures_of(self._run))
         self._stream.write("\r" + line.ljust(self._width) + ("\n" if final else ""))
         self._stream.flush()
         self._width = len(line)
+
+    def finish(self) -> None:
+        """Nothing more to show: the last line stays."""
+
+    def events(self) -> contextlib.AbstractContextManager[Callable[[], None]]:
+        from . import no_events
+
+        return no_events()

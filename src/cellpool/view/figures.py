@@ -1,0 +1,70 @@
+"""The figures every view shows, computed once from a run's counters."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..dispatch import Run
+
+
+@dataclass(frozen=True)
+class Figures:
+    """Where a run stands: done of total (``None`` when the input has no length)."""
+
+    done: int
+    total: int | None
+    failed: int
+    elapsed: float
+    ended: bool
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        if self.total is None or self.ended or self.rate <= 0:
+            return None
+        return (self.total - self.done) / self.rate
+
+    @property
+    def count(self) -> str:
+        if self.total is None:
+            return f"{self.done:,}"
+        percent = 100 * self.done / self.total if self.total else 100
+        return f"{self.done:,}/{self.total:,} ({percent:.0f}%)"
+
+
+def figures_of(run: Run) -> Figures:
+    ended = run.finished.is_set()
+    return Figures(run.done, run.total, run.failed, time.monotonic() - run.created, ended)
+
+
+def clock(seconds: float) -> str:
+    """``75`` -> ``"1:15"``, ``3725`` -> ``"1:02:05"``."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def size(n: float | None) -> str:
+    """Bytes for people: ``"512 B"``, ``"1.5 MiB"``, ``"2.0 GiB"``."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def summary_line(label: str, figures: Figures) -> str:
+    """One line: ``label: 40/40 (100%) done, 2 errors, 512.0/s, 0:03 (eta 0:10)``."""
+    parts = [f"{label} {figures.count}", f"{figures.failed:,} errors", f"{figures.rate:,.1f}/s"]
+    parts.append(clock(figures.elapsed))
+    if figures.eta is not None:
+        parts.append(f"eta {clock(figures.eta)}")
+    return " | ".join(parts)

@@ -1,0 +1,125 @@
+"""The notebook view: a progress bar, a Cancel button, the worker table, the machine.
+
+A thread updates it (``update``) at most ``REFRESH`` apart: two comm messages each time
+at most (the bar, the HTML), so however fast tasks finish the kernel sends no more than
+ten a second. When the run ends, ``finish`` leaves a static HTML summary in the output,
+which a saved notebook keeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import ipywidgets as widgets
+from IPython import get_ipython
+from IPython.display import display
+
+from .figures import figures_of, summary_line
+from .html import live_html
+
+if TYPE_CHECKING:
+    from ..dispatch import Run
+    from ..monitor import Monitor
+
+REFRESH = 0.2
+
+
+class LiveView(widgets.VBox):
+    """The widget itself; its text form stays the same while it changes, so a saved
+    notebook's plain-text output does not depend on when it was saved."""
+
+    def __init__(self, label: str, children: list[widgets.Widget]) -> None:
+        super().__init__(children)
+        self._label = label
+
+    def __repr__(self) -> str:
+        return f"cellpool live view: {self._label}"
+
+
+class Summary:
+    """What is left in the output when a run has ended."""
+
+    def __init__(self, text: str, html: str) -> None:
+        self._text = text
+        self._html = html
+
+    def __repr__(self) -> str:
+        return self._text
+
+    def _repr_html_(self) -> str:
+        return f'<div class="cellpool-summary">{self._html}</div>'
+
+
+class WidgetProgress:
+    """The live view of one run in a notebook."""
+
+    refresh = REFRESH
+
+    def __init__(
+        self,
+        run: Run,
+        label: str,
+        monitor: Monitor,
+        cancel: Callable[[], Any],
+        background: bool,
+    ) -> None:
+        self._run = run
+        self._label = label
+        self._monitor = monitor
+        self._bar = widgets.IntProgress(value=0, min=0, max=max(run.total or 1, 1))
+        self._bar.bar_style = "info"
+        self._button = widgets.Button(
+            description="Cancel",
+            icon="stop",
+            tooltip="Cancel: pending tasks are dropped, running process tasks killed",
+        )
+        self._button.on_click(lambda _button: cancel())
+        self._html = widgets.HTML()
+        row = widgets.HBox([self._bar, self._button])
+        self.widget = LiveView(label, [row, self._html])
+        display(self.widget)
+        # A background job ends after its cell: its summary goes where the cell left room.
+        self._summary = display(Summary(label, ""), display_id=True) if background else None
+
+    def update(self, final: bool = False) -> None:
+        run = self._run
+        figures = figures_of(run)
+        with self._bar.hold_sync():
+            self._bar.max = max(figures.total or run.done + run.in_flight, 1)
+            self._bar.value = figures.done
+            if final:
+                self._bar.bar_style = (
+                    "danger" if run.cancelled else "warning" if figures.failed else "success"
+                )
+        html = live_html(self._label, figures, self._monitor.latest)
+        if html != self._html.value:
+            self._html.value = html
+        if final:
+            self._button.disabled = True
+
+    def finish(self) -> None:
+        """Leave the static summary."""
+        figures = figures_of(self._run)
+        summary = Summary(
+            summary_line(self._label, figures),
+            live_html(self._label, figures, self._monitor.latest),
+        )
+        if self._summary is not None:
+            self._summary.update(summary)
+        else:
+            display(summary)
+
+    @contextlib.contextmanager
+    def events(self) -> Iterator[Callable[[], None]]:
+        """While a cell blocks on the run, let the kernel deliver widget messages (the
+        Cancel click): ipykernel handles none while a cell runs (ipywidgets #3468)."""
+        shell = get_ipython()
+        if getattr(shell, "kernel", None) is None:
+            yield lambda: None
+            return
+        from jupyter_ui_poll import ui_events
+
+        with ui_events() as poll:
+            yield lambda: poll(10)
