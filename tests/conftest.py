@@ -53,6 +53,25 @@ def shared_multiprocessing_helpers():
     forkserver.ensure_running()
 
 
+def execute_cells(sources: list[str]) -> list[list[dict]]:
+    """Run cells in a fresh kernel; the outputs of each cell."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in sources])
+    NotebookClient(notebook, timeout=60, allow_errors=True, kernel_name="python3").execute()
+    return [cell.outputs for cell in notebook.cells]
+
+
+@pytest.fixture(scope="session")
+def kernel_clients():
+    """``execute_cells``. jupyter_client keeps a zmq context and an event loop per
+    process, made on first use and held for the session: make them before any test
+    counts fds."""
+    execute_cells(["1"])
+    return execute_cells
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(shared_multiprocessing_helpers):
     """Fail a test that leaves cellpool threads, worker processes or fds behind."""

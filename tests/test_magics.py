@@ -9,7 +9,6 @@ import threading
 import nbformat
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
-from nbclient import NotebookClient
 
 import cellpool
 
@@ -176,21 +175,6 @@ def test_an_interrupt_stores_the_partial_results_before_propagating(shell):
     assert isinstance(partial, cellpool.Results)
     assert len(partial) == 6
     assert {r.status for r in partial} == {"cancelled"}
-
-
-def execute(sources: list[str]) -> list[list[dict]]:
-    """Run cells in a fresh kernel; the outputs of each cell."""
-    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in sources])
-    NotebookClient(notebook, timeout=60, allow_errors=True, kernel_name="python3").execute()
-    return [cell.outputs for cell in notebook.cells]
-
-
-@pytest.fixture(scope="session")
-def kernel_clients():
-    """jupyter_client keeps a zmq context and an event loop per process, made on first use
-    and held for the session: make them before any test counts fds."""
-    execute(["1"])
-    return execute
 
 
 def test_cells_in_a_real_kernel(kernel_clients):

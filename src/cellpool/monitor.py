@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 
 SAMPLE_SECONDS = 0.25
+CPU_WINDOW = 0.2  # CPU times tick in 10 ms steps: shorter windows read 0% or 200%
 
 
 @dataclass(frozen=True)
@@ -38,14 +39,15 @@ class Sample:
 class Sampler:
     """Adds resource figures to ``workers_info`` rows.
 
-    CPU % is the CPU time a worker used since the previous sample over the wall time
-    between them; a worker's first sample reads ``0.0``. Thread workers (rows with a
+    CPU % is the CPU time a worker used over at least the last ``CPU_WINDOW`` seconds
+    of wall time; a worker's first sample reads ``0.0``. Thread workers (rows with a
     ``native_id``) get their own thread's CPU time and the process's memory and fds.
     """
 
     def __init__(self) -> None:
         self._processes: dict[int, psutil.Process] = {}
-        self._cpu_seen: dict[tuple[int, int | None], tuple[float, float]] = {}
+        # per worker: CPU seconds and time at the window's start, and the last figure
+        self._cpu_seen: dict[tuple[int, int | None], tuple[float, float, float]] = {}
 
     def _process(self, pid: int) -> psutil.Process:
         process = self._processes.get(pid)
@@ -56,10 +58,15 @@ class Sampler:
     def _cpu_percent(self, key: tuple[int, int | None], cpu_seconds: float) -> float:
         now = time.monotonic()
         before = self._cpu_seen.get(key)
-        self._cpu_seen[key] = (cpu_seconds, now)
-        if before is None or now <= before[1]:
+        if before is None:
+            self._cpu_seen[key] = (cpu_seconds, now, 0.0)
             return 0.0
-        return 100.0 * (cpu_seconds - before[0]) / (now - before[1])
+        since_cpu, since, last = before
+        if now - since < CPU_WINDOW:
+            return last
+        percent = 100.0 * (cpu_seconds - since_cpu) / (now - since)
+        self._cpu_seen[key] = (cpu_seconds, now, percent)
+        return percent
 
     def _figures(self, pid: int, threads: bool) -> dict[str, Any]:
         try:

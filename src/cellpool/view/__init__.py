@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .kernel import current_kernel, no_events
 from .text import TextProgress
 
 if TYPE_CHECKING:
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from ..monitor import Monitor
 
 PROGRESS_MODES = ("auto", "widget", "text", "none")
+__all__ = ["PROGRESS_MODES", "View", "make_view", "no_events", "normalize_progress"]
 
 
 class View(Protocol):
@@ -42,17 +44,6 @@ def normalize_progress(progress: str | bool | None) -> str:
     return progress
 
 
-def in_kernel() -> bool:
-    """True inside a Jupyter kernel (where widgets can be shown)."""
-    shell = sys.modules.get("IPython") and sys.modules["IPython"].get_ipython()
-    return getattr(shell, "kernel", None) is not None
-
-
-@contextlib.contextmanager
-def no_events() -> Iterator[Callable[[], None]]:
-    yield lambda: None
-
-
 def make_view(
     progress: str,
     run: Run,
@@ -67,7 +58,7 @@ def make_view(
     and nothing otherwise.
     """
     if progress == "auto":
-        if in_kernel():
+        if current_kernel() is not None:
             progress = "widget"
         elif sys.stderr is not None and sys.stderr.isatty():
             progress = "text"

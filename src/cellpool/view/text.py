@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
 from .figures import figures_of, summary_line
+from .kernel import no_events
 
 if TYPE_CHECKING:
     from ..dispatch import Run
@@ -35,6 +36,4 @@ class TextProgress:
         """Nothing more to show: the last line stays."""
 
     def events(self) -> contextlib.AbstractContextManager[Callable[[], None]]:
-        from . import no_events
-
         return no_events()

@@ -9,15 +9,15 @@ which a saved notebook keeps.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
-from IPython import get_ipython
 from IPython.display import display
 
 from .figures import figures_of, summary_line
 from .html import live_html
+from .kernel import no_events, pumped_events, route_to_subshell
 
 if TYPE_CHECKING:
     from ..dispatch import Run
@@ -76,6 +76,7 @@ class WidgetProgress:
             tooltip="Cancel: pending tasks are dropped, running process tasks killed",
         )
         self._button.on_click(lambda _button: cancel())
+        self._live_without_pumping = route_to_subshell(self._button)
         self._html = widgets.HTML()
         row = widgets.HBox([self._bar, self._button])
         self.widget = LiveView(label, [row, self._html])
@@ -111,15 +112,7 @@ class WidgetProgress:
         else:
             display(summary)
 
-    @contextlib.contextmanager
-    def events(self) -> Iterator[Callable[[], None]]:
-        """While a cell blocks on the run, let the kernel deliver widget messages (the
-        Cancel click): ipykernel handles none while a cell runs (ipywidgets #3468)."""
-        shell = get_ipython()
-        if getattr(shell, "kernel", None) is None:
-            yield lambda: None
-            return
-        from jupyter_ui_poll import ui_events
-
-        with ui_events() as poll:
-            yield lambda: poll(10)
+    def events(self) -> contextlib.AbstractContextManager[Callable[[], None]]:
+        """While a cell blocks on the run, the Cancel click must get through (see
+        ``view.kernel``): on a subshell it does by itself, else the wait pumps events."""
+        return no_events() if self._live_without_pumping else pumped_events()

@@ -1,0 +1,189 @@
+"""The live view: widget state, message throttling, monitor figures, Cancel in a kernel."""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+
+import comm
+import psutil
+import pytest
+from jupyter_client.manager import start_new_kernel
+
+import cellpool
+from cellpool import Executor
+
+from .conftest import settle
+
+
+class RecordingComm:
+    """A comm that keeps every message a widget sends (as ipywidgets' own tests do)."""
+
+    sent: list[float] = []
+
+    def __init__(self, *args, **kwargs):
+        self.comm_id = f"comm-{id(self)}"
+        self.kernel = "present"
+
+    def open(self, *args, **kwargs):
+        pass
+
+    def on_msg(self, *args, **kwargs):
+        pass
+
+    def send(self, *args, **kwargs):
+        RecordingComm.sent.append(time.monotonic())
+
+    def close(self, *args, **kwargs):
+        pass
+
+
+@pytest.fixture
+def recording_comm(monkeypatch):
+    RecordingComm.sent = []
+    monkeypatch.setattr(comm, "create_comm", RecordingComm)
+    return RecordingComm.sent
+
+
+def spin(seconds):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return seconds
+
+
+def test_the_widget_shows_the_final_state(recording_comm, capsys):
+    def flaky(x):
+        if x == 3:
+            raise ValueError("three")
+        return x
+
+    with Executor("thread", 2) as ex:
+        job = ex.start(flaky, range(20), progress="widget")
+        results = job.result(timeout=30)
+        view = job._view
+    assert results.counts() == {"ok": 19, "error": 1}
+    assert view._bar.value == view._bar.max == 20
+    assert view._bar.bar_style == "warning"  # finished, with a failure
+    assert view._button.disabled
+    html = view._html.value
+    assert "20/20 (100%) done" in html and "1 errors" in html
+    assert html.count("<tr>") == 3  # a header and one row per worker
+    assert "machine: CPU" in html
+    assert repr(view.widget) == "cellpool live view: flaky [thread x2]"
+
+
+def test_widget_updates_are_throttled_however_fast_tasks_finish(recording_comm):
+    started = time.monotonic()
+    with Executor("thread", 4) as ex:
+        results = ex.run(lambda x: x + 1, range(50_000), progress="widget")
+    elapsed = time.monotonic() - started
+    assert results.ok
+    updates = [t for t in recording_comm if t >= started]
+    assert len(updates) <= 10 * elapsed + 10  # ten a second, plus the final state
+
+
+def test_a_thread_run_moves_the_bar_while_it_runs(recording_comm):
+    with Executor("thread", 2) as ex:
+        job = ex.start(spin, [0.05] * 40, progress="widget")
+        seen = set()
+        deadline = time.monotonic() + 20
+        while not job.done() and time.monotonic() < deadline:
+            seen.add(job._view._bar.value)
+            time.sleep(0.05)
+        job.result()
+    assert len(seen - {0, 40}) >= 2  # it moved through values between start and end
+
+
+def test_per_worker_figures_agree_with_psutil():
+    with Executor("process", 2, progress="none") as ex:
+        job = ex.start(spin, [1.5, 0.0])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            rows = {row["task"]: row for row in ex.workers_info()}
+            if 0 in rows and rows[0]["task_seconds"] > 0.8:
+                break
+            time.sleep(0.1)
+        busy = rows[0]
+        process = psutil.Process(busy["pid"])
+        assert busy["state"] == "busy"
+        assert busy["cpu_percent"] > 50  # the spinning worker uses a core
+        assert abs(busy["rss"] - process.memory_info().rss) < 0.2 * busy["rss"]
+        assert busy["fds"] == process.num_fds()
+        assert busy["threads"] == process.num_threads()
+        job.result()
+
+
+def test_thread_workers_report_their_own_cpu_time():
+    with Executor("thread", 2, progress="none") as ex:
+        ex.run(spin, [0.4, 0.0])
+        rows = ex.workers_info()
+    assert max(row["cpu_seconds"] for row in rows) > 0.2
+    assert min(row["cpu_seconds"] for row in rows) < 0.2
+    assert {row["pid"] for row in rows} == {os.getpid()}
+
+
+def test_auto_progress_outside_a_kernel_shows_no_widget(recording_comm):
+    cellpool.run(lambda x: x, range(10), progress="auto")
+    assert recording_comm == []
+
+
+CANCEL_CELL = """
+import time
+import cellpool
+ex = cellpool.Executor("process", 2)
+def slow(x):
+    time.sleep(0.5)
+    return x
+res = ex.run(slow, range(40))
+"""
+
+
+def _await_reply(client, msg_id, timeout=60):
+    while True:
+        reply = client.get_shell_msg(timeout=timeout)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            return reply
+
+
+def test_cancel_clicked_during_a_blocking_run_in_a_kernel(kernel_session):
+    _manager, client = kernel_session
+    msg_id = client.execute(CANCEL_CELL)
+    button = None
+    deadline = time.monotonic() + 60
+    while button is None and time.monotonic() < deadline:
+        try:
+            msg = client.get_iopub_msg(timeout=1)
+        except queue.Empty:
+            continue
+        if msg["msg_type"] == "comm_open":
+            state = msg["content"]["data"].get("state", {})
+            if state.get("_model_name") == "ButtonModel":
+                button = msg["content"]["comm_id"]
+    assert button is not None
+    time.sleep(1.5)  # a few tasks finish, most are still pending
+    click = {"method": "custom", "content": {"event": "click"}}
+    client.shell_channel.send(client.session.msg("comm_msg", {"comm_id": button, "data": click}))
+    clicked = time.monotonic()
+    reply = _await_reply(client, msg_id)
+    assert reply["content"]["status"] == "ok"
+    assert time.monotonic() - clicked < 10  # not the 10 s the run needs
+    check = client.execute("c = res.counts(); ex.shutdown(); c")
+    _await_reply(client, check)
+    counts = None
+    while counts is None:
+        msg = client.get_iopub_msg(timeout=10)
+        if msg["msg_type"] == "execute_result" and msg["parent_header"]["msg_id"] == check:
+            counts = eval(msg["content"]["data"]["text/plain"])
+    assert counts.get("cancelled", 0) > 10
+    assert sum(counts.values()) == 40
+
+
+@pytest.fixture
+def kernel_session(kernel_clients):
+    manager, client = start_new_kernel(kernel_name="python3")
+    yield manager, client
+    client.stop_channels()
+    manager.shutdown_kernel(now=True)
+    settle(lambda: manager.is_alive())
