@@ -21,6 +21,7 @@ if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
 STATUSES = ("ok", "error", "timeout", "crashed", "cancelled")
+_PLURALS = {"error": "errors", "timeout": "timeouts"}
 _CODE = {status: code for code, status in enumerate(STATUSES)}
 _UNFILLED = 255
 _NAN = math.nan
@@ -408,7 +409,10 @@ class Results(Sequence[TaskResult]):
 
     def summary(self) -> str:
         """One line: how many tasks, how many of each status, and the wall time."""
-        counts = ", ".join(f"{n} {status}" for status, n in self.counts().items())
+        counts = ", ".join(
+            f"{n} {status if n == 1 else _PLURALS.get(status, status)}"
+            for status, n in self.counts().items()
+        )
         line = f"{len(self)} tasks" + (f": {counts}" if counts else "")
         wall = self.wall_time()
         return line + (f" in {wall:.2f} s" if wall is not None else "")

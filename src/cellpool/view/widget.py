@@ -94,18 +94,19 @@ class WidgetProgress:
                 self._bar.bar_style = (
                     "danger" if run.cancelled else "warning" if figures.failed else "success"
                 )
-        html = live_html(self._label, figures, self._monitor.latest)
+        # At the end the table moves to the static summary: the widget keeps its bar.
+        html = "" if final else live_html(self._label, figures, self._monitor.latest)
         if html != self._html.value:
             self._html.value = html
         if final:
             self._button.disabled = True
 
     def finish(self) -> None:
-        """Leave the static summary."""
+        """Leave the static summary, with the workers as they are now."""
         figures = figures_of(self._run)
         summary = Summary(
             summary_line(self._label, figures),
-            live_html(self._label, figures, self._monitor.latest),
+            live_html(self._label, figures, self._monitor.sample()),
         )
         if self._summary is not None:
             self._summary.update(summary)
