@@ -67,11 +67,15 @@ def test_the_widget_shows_the_final_state(recording_comm, capsys):
     assert view._bar.value == view._bar.max == 20
     assert view._bar.bar_style == "warning"  # finished, with a failure
     assert view._button.disabled
-    html = view._html.value
-    assert "20/20 (100%) done" in html and "1 errors" in html
+    assert view._html.value == ""  # the table moved to the summary left below
+    assert repr(view.widget) == "cellpool live view: flaky [thread x2]"
+    summary = view._summary_now()
+    assert repr(summary).startswith("flaky [thread x2] 20/20 (100%) | 1 errors")
+    html = summary._repr_html_()
+    assert "20/20 (100%) done" in html
     assert html.count("<tr>") == 3  # a header and one row per worker
     assert "machine: CPU" in html
-    assert repr(view.widget) == "cellpool live view: flaky [thread x2]"
+    assert "flaky [thread x2] 20/20 (100%) | 1 errors" in capsys.readouterr().out
 
 
 def test_widget_updates_are_throttled_however_fast_tasks_finish(recording_comm):

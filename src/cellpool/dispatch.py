@@ -112,7 +112,8 @@ class Run:
         self.cancelled = False  # read by worker threads to skip the rest of a batch
         self.input_error: BaseException | None = None
         self.done = 0
-        self.failed = 0
+        self.failed = 0  # recorded as error, timeout or crashed
+        self.cancelled_tasks = 0
         self.item_seconds: float | None = None
         self.created = time.monotonic()
         self.finished = threading.Event()
@@ -406,7 +407,8 @@ class Dispatcher:
         """Make one task's record (see ``_complete_many``)."""
         run.in_flight -= 1
         run.done += 1
-        run.failed += status != "ok"
+        run.failed += status not in ("ok", "cancelled")
+        run.cancelled_tasks += status == "cancelled"
         run.sink.put(task, status, value, failure, worker, pid, started, finished)
 
     def _complete_many(
@@ -429,7 +431,8 @@ class Dispatcher:
         count = len(batch.items) - start if values is None else len(values)
         run.in_flight -= count
         run.done += count
-        run.failed += count if status != "ok" else 0
+        run.failed += count if status not in ("ok", "cancelled") else 0
+        run.cancelled_tasks += count if status == "cancelled" else 0
         tried = 1 if status == "ok" else 0
         run.sink.put_many(
             batch.indices[start : start + count],

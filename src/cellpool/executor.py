@@ -120,7 +120,11 @@ class Job:
     def __repr__(self) -> str:
         state = "done" if self.done() else "running"
         total = "?" if self._run.total is None else self._run.total
-        return f"<cellpool.Job {state}: {self._run.done}/{total} done, {self._run.failed} failed>"
+        run = self._run
+        return (
+            f"<cellpool.Job {state}: {run.done}/{total} done, {run.failed} failed, "
+            f"{run.cancelled_tasks} cancelled>"
+        )
 
 
 class Executor(futures.Executor):

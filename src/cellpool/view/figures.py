@@ -17,6 +17,7 @@ class Figures:
     done: int
     total: int | None
     failed: int
+    cancelled: int
     elapsed: float
     ended: bool
 
@@ -40,7 +41,9 @@ class Figures:
 
 def figures_of(run: Run) -> Figures:
     ended = run.finished.is_set()
-    return Figures(run.done, run.total, run.failed, time.monotonic() - run.created, ended)
+    return Figures(
+        run.done, run.total, run.failed, run.cancelled_tasks, time.monotonic() - run.created, ended
+    )
 
 
 def clock(seconds: float) -> str:
@@ -63,8 +66,10 @@ def size(n: float | None) -> str:
 
 def summary_line(label: str, figures: Figures) -> str:
     """One line: ``label: 40/40 (100%) done, 2 errors, 512.0/s, 0:03 (eta 0:10)``."""
-    parts = [f"{label} {figures.count}", f"{figures.failed:,} errors", f"{figures.rate:,.1f}/s"]
-    parts.append(clock(figures.elapsed))
+    parts = [f"{label} {figures.count}", f"{figures.failed:,} errors"]
+    if figures.cancelled:
+        parts.append(f"{figures.cancelled:,} cancelled")
+    parts += [f"{figures.rate:,.1f}/s", clock(figures.elapsed)]
     if figures.eta is not None:
         parts.append(f"eta {clock(figures.eta)}")
     return " | ".join(parts)

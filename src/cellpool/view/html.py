@@ -34,6 +34,7 @@ def status_html(label: str, figures: Figures) -> str:
         f"<b>{html.escape(label)}</b>",
         figures.count + " done",
         f"{figures.failed:,} errors",
+        *([f"{figures.cancelled:,} cancelled"] if figures.cancelled else []),
         f"{figures.rate:,.1f} tasks/s",
         f"elapsed {clock(figures.elapsed)}",
     ]

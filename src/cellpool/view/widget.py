@@ -101,13 +101,17 @@ class WidgetProgress:
         if final:
             self._button.disabled = True
 
-    def finish(self) -> None:
-        """Leave the static summary, with the workers as they are now."""
+    def _summary_now(self) -> Summary:
+        """The run's figures and the workers as they are now."""
         figures = figures_of(self._run)
-        summary = Summary(
+        return Summary(
             summary_line(self._label, figures),
             live_html(self._label, figures, self._monitor.sample()),
         )
+
+    def finish(self) -> None:
+        """Leave the static summary."""
+        summary = self._summary_now()
         if self._summary is not None:
             self._summary.update(summary)
         else:
