@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent import futures
 from typing import Any
@@ -19,6 +20,7 @@ from .sinks import FutureSink, OrderedSink, RecordSink
 from .view import View, make_view, no_events, normalize_progress
 
 POLL = 0.05  # how often a blocking wait lets widget events and signals through
+SHOW_AFTER = 0.5  # a blocking run shows its live view ("auto") once it lasts this long
 INTERRUPT_GRACE = 2.0  # how long Ctrl-C waits for the stop before re-raising
 # Default max_pending per worker. A batch holds about 10 ms of measured work and each
 # worker has at most two, so only microsecond tasks come near this cap; it lets them
@@ -45,9 +47,21 @@ class Job:
         self._run = run
         self._sink = sink
         self._executor = executor
+        self._progress = progress
+        self._label = label
         self._background = background
-        self._view = make_view(progress, run, label, executor._monitor, self.cancel, background)
+        self._view: View | None = None
         self._view_thread: threading.Thread | None = None
+        if background or progress != "auto":
+            self._show_view()
+        # else: a blocking run shows its view only if it lasts (see _block)
+
+    def _show_view(self) -> None:
+        """Display the view and start the thread that updates it."""
+        run, executor = self._run, self._executor
+        self._view = make_view(
+            self._progress, run, self._label, executor._monitor, self.cancel, self._background
+        )
         if self._view is not None:
             self._view_thread = threading.Thread(
                 target=self._show, args=(self._view,), name="cellpool-progress", daemon=True
@@ -74,16 +88,27 @@ class Job:
             if self._sink.future.done() and self._view_thread is not None:
                 self._view_thread.join()
 
+    def _wait(self, until: float | None = None) -> bool:
+        """Wait for the run's end (True) or the monotonic time ``until`` (False), letting
+        widget events (Cancel) through. The wait is timed: signal handlers run between
+        waits even when the signal reached another thread."""
+        with self._view.events() if self._view else no_events() as let_events_through:
+            while not self._run.finished.wait(POLL):
+                let_events_through()
+                if until is not None and time.monotonic() >= until:
+                    return False
+        return True
+
     def _block(self) -> Results:
-        """``result()`` for a caller that holds the cell: widget events (Cancel) get
-        through while it waits; Ctrl-C (a kernel interrupt) cancels the run, waits
+        """``result()`` for a caller that holds the cell. With ``progress="auto"`` the
+        view appears once the run has lasted ``SHOW_AFTER`` seconds: a quick run shows
+        just its ``Results``. Ctrl-C (a kernel interrupt) cancels the run, waits
         briefly for the stop and re-raises."""
         try:
-            with self._view.events() if self._view else no_events() as let_events_through:
-                # A timed wait: signal handlers run between waits even when the signal
-                # reached another thread.
-                while not self._run.finished.wait(POLL):
-                    let_events_through()
+            lasting = self._view is None and self._progress == "auto"
+            if lasting and not self._wait(until=self._run.created + SHOW_AFTER):
+                self._show_view()
+            self._wait()
         except KeyboardInterrupt:
             self.cancel()
             self._run.finished.wait(INTERRUPT_GRACE)
