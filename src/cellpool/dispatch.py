@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .admission import Admission
 from .errors import TaskCancelled, TaskTimeout, WorkerCrashed
 from .pool.base import Completed, Pool, WorkerLost
 from .results import Failure
@@ -196,9 +197,10 @@ def backoff(attempt: int) -> float:
 class Dispatcher:
     """Feeds ``pool`` from the runs posted to it; see the module docstring."""
 
-    def __init__(self, pool: Pool, workers: int) -> None:
+    def __init__(self, pool: Pool, workers: int, admission: Admission) -> None:
         self.pool = pool
         self.workers = workers
+        self.admission = admission
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._runs: list[Run] = []
         self._batches: dict[int, Batch] = {}
@@ -245,6 +247,7 @@ class Dispatcher:
                 pass
             self._expire()
             self._fill()
+            self._check_blocked()
             self._finish_runs()
             if self._closing and not self._runs:
                 self.pool.shutdown(wait=True)
@@ -469,6 +472,14 @@ class Dispatcher:
                 return
             self._batches[batch.seq] = batch
             self.pool.send(batch)
+
+    def _check_blocked(self) -> None:
+        """Tell admission whether waiting work has nowhere to go (it warns if it lasts)."""
+        waiting = bool(self._requeued or self._retries) or any(
+            not run.exhausted and run.room() > 0 for run in self._runs
+        )
+        blocked = waiting and self.pool.capacity() == 0
+        self.admission.blocked(self.pool.pause_reasons() if blocked else [], waiting)
 
     def _next_batch(self) -> Batch | None:
         if self._requeued:

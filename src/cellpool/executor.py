@@ -10,6 +10,7 @@ from concurrent import futures
 from typing import Any
 
 from . import options as check
+from .admission import Admission, Limits
 from .dispatch import AddRun, CancelRun, Dispatcher, Run, Shutdown, Wake
 from .monitor import Monitor
 from .pool.base import Pool
@@ -60,7 +61,13 @@ class Job:
         """Display the view and start the thread that updates it."""
         run, executor = self._run, self._executor
         self._view = make_view(
-            self._progress, run, self._label, executor._monitor, self.cancel, self._background
+            self._progress,
+            run,
+            self._label,
+            executor._monitor,
+            executor._admission.note,
+            self.cancel,
+            self._background,
         )
         if self._view is not None:
             self._view_thread = threading.Thread(
@@ -170,7 +177,7 @@ class Executor(futures.Executor):
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
         memory_limit: int | str | None = None,
         fd_limit: int | None = None,
-        min_available_memory: float | int = 0.10,
+        min_available_memory: float | int | str = 0.10,
         max_tasks_per_worker: int | None = None,
         max_pending: int | None = None,
         threads_per_worker: int = 1,
@@ -181,6 +188,8 @@ class Executor(futures.Executor):
         start_method: str | None = None,
         address: str | None = None,
         client: Any = None,
+        memory_pause: float = 0.80,
+        fd_pause: float = 0.90,
     ) -> None:
         self.kind = check.check_kind(kind)
         self.workers = check.positive_int(
@@ -195,10 +204,18 @@ class Executor(futures.Executor):
             ),
             "progress": normalize_progress(progress),
         }
+        self._admission = Admission(
+            Limits(
+                memory_limit=check.byte_size("memory_limit", memory_limit),
+                fd_limit=None if fd_limit is None else check.positive_int("fd_limit", fd_limit),
+                min_available_memory=check.fraction_or_bytes(
+                    "min_available_memory", min_available_memory
+                ),
+                memory_pause=check.fraction("memory_pause", memory_pause),
+                fd_pause=check.fraction("fd_pause", fd_pause),
+            )
+        )
         unsupported = {
-            "memory_limit": memory_limit is not None,
-            "fd_limit": fd_limit is not None,
-            "min_available_memory": min_available_memory != 0.10,
             "threads_per_worker": threads_per_worker != 1,
             "concurrency": concurrency is not None,
             "address": address is not None,
@@ -222,8 +239,9 @@ class Executor(futures.Executor):
         self._pool = self._make_pool(
             initializer, tuple(initargs), start_method, max_tasks_per_worker
         )
-        self._dispatcher = Dispatcher(self._pool, self.workers)
         self._monitor = Monitor(self._pool.workers_info)
+        self._admission.monitor = self._monitor
+        self._dispatcher = Dispatcher(self._pool, self.workers, self._admission)
         self._shutdown_lock = threading.Lock()
         self._closed = False
 
@@ -235,11 +253,12 @@ class Executor(futures.Executor):
         max_tasks_per_worker: int | None,
     ) -> Pool:
         if self.kind == "thread":
-            return ThreadPool(self.workers, self._post, initializer, initargs)
+            return ThreadPool(self.workers, self._post, self._admission, initializer, initargs)
         if self.kind == "process":
             return ProcessPool(
                 self.workers,
                 self._post,
+                self._admission,
                 start_method=start_method,
                 initializer=initializer,
                 initargs=initargs,

@@ -27,6 +27,53 @@ def default_workers(kind: str) -> int:
     return min(32, cpu_count() + 4) if kind == "thread" else cpu_count()
 
 
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def byte_size(name: str, value: Any) -> int | None:
+    """Bytes from an int or a string such as ``"512MB"`` or ``"2 GiB"``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        number = value.strip().rstrip("bBiIkKmMgGtT ")
+        unit = value.strip()[len(number) :].strip().lower()
+        try:
+            value = float(number) * _UNITS[unit]
+        except (ValueError, KeyError):
+            raise ValueError(f"{name} must be bytes or a size like '2GiB'; got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of bytes; got {value!r}")
+    return int(value)
+
+
+def fraction_or_bytes(name: str, value: Any) -> float | int:
+    """A fraction of total memory (under 1) or a number of bytes."""
+    if isinstance(value, float) and 0 <= value < 1:
+        return value
+    if value == 0:
+        return 0.0
+    size = byte_size(name, value)
+    assert size is not None
+    return size
+
+
+def fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be a fraction in (0, 1]; got {value!r}")
+    return float(value)
+
+
 def start_method(method: Any) -> str:
     import multiprocessing
 

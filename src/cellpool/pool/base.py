@@ -94,6 +94,10 @@ class Pool(ABC):
         """Called by the dispatcher about every 0.1 s while work runs."""
 
     @abstractmethod
+    def pause_reasons(self) -> list[str]:
+        """Why workers are paused now (empty if none is)."""
+
+    @abstractmethod
     def workers_info(self) -> list[dict[str, Any]]:
         """A row per worker, with the fields of ``Executor.workers_info``."""
 

@@ -25,6 +25,7 @@ from typing import Any
 import cloudpickle
 
 from .. import worker as child
+from ..admission import Admission
 from ..results import Failure
 from ..tasks import Batch, Outcomes
 from .base import Completed, Pool, Report, Running, WorkerLost
@@ -104,7 +105,7 @@ class _Worker:
         self.errors = 0
         self.stopping: tuple[str, str] | None = None  # (status, reason) once killed
         self.kill_at: float | None = None
-        self.retiring = False
+        self.retiring: str | None = None  # why it takes no more work and will be replaced
         self.ready = False  # set by the reader thread once the worker has started
         self.dead = False  # set by the reader thread
         self.eof = False  # set by the reader thread
@@ -119,6 +120,7 @@ class ProcessPool(Pool):
         self,
         workers: int,
         report: Report,
+        admission: Admission,
         *,
         start_method: str | None = None,
         initializer: Callable[..., Any] | None = None,
@@ -130,6 +132,7 @@ class ProcessPool(Pool):
         if method == "forkserver":
             self._ctx.set_forkserver_preload(["cellpool.worker"])
         self._report = report
+        self._admission = admission
         self._size = workers
         self._max_tasks = max_tasks_per_worker
         self._init = cloudpickle.dumps((initializer, initargs))
@@ -215,20 +218,38 @@ class ProcessPool(Pool):
     # -- the dispatcher's side -----------------------------------------------------
 
     def _available(self) -> list[_Worker]:
+        """Workers that may take a batch now: alive, staying, under their limits."""
+        if self._admission.machine_pause() is not None:
+            return []
         return [
             w
             for w in self._workers.values()
-            if not (w.dead or w.stopping or w.retiring) and len(w.in_flight) < PREFETCH
+            if not (w.dead or w.stopping or w.retiring)
+            and len(w.in_flight) < PREFETCH
+            and self._admission.worker_pause(w.id) is None
         ]
+
+    def pause_reasons(self) -> list[str]:
+        machine = self._admission.machine_pause()
+        if machine is not None:
+            return [machine]
+        paused = {w.id: self._admission.worker_pause(w.id) for w in self._workers.values()}
+        return [f"{worker}: {reason}" for worker, reason in paused.items() if reason]
 
     def capacity(self) -> int:
         return sum(PREFETCH - len(w.in_flight) for w in self._available())
 
     def _choose(self) -> _Worker:
-        """The worker for the next batch: the one with the fewest tasks in flight."""
+        """The worker for the next batch: fewest tasks in flight, then most memory
+        headroom (the one furthest from its limit, or the smallest)."""
+        rss = {row["worker"]: row.get("rss") or 0 for row in self._admission.rows()}
         return min(
             self._available(),
-            key=lambda w: (sum(len(b.items) for b in w.in_flight.values()), len(w.in_flight)),
+            key=lambda w: (
+                sum(len(b.items) for b in w.in_flight.values()),
+                len(w.in_flight),
+                rss.get(w.id, 0),
+            ),
         )
 
     def batch_limit(self) -> int | None:
@@ -248,7 +269,7 @@ class ProcessPool(Pool):
         worker.in_flight[batch.seq] = batch
         worker.assigned += len(batch.items)
         if self._max_tasks is not None and worker.assigned >= self._max_tasks:
-            worker.retiring = True
+            worker.retiring = f"reached max_tasks_per_worker={self._max_tasks}"
         with contextlib.suppress(OSError):  # it died: the reader reports it, the batch moves
             worker.conn.send_bytes(_message(batch, run_id, job))
 
@@ -339,10 +360,24 @@ class ProcessPool(Pool):
 
     def tick(self) -> None:
         now = time.monotonic()
-        for worker in self._workers.values():
-            if worker.kill_at is not None and now > worker.kill_at and not worker.dead:
+        for worker in list(self._workers.values()):
+            if worker.dead:
+                continue
+            if worker.kill_at is not None and now > worker.kill_at:
                 worker.process.kill()
                 worker.kill_at = None
+            if worker.stopping is not None:
+                continue
+            action = self._admission.worker_action(worker.id, busy=bool(worker.in_flight))
+            if action is None:
+                continue
+            verdict, reason = action
+            if verdict == "kill":
+                self.stop(worker.id, "crashed", reason)
+            elif not worker.retiring:
+                worker.retiring = reason
+                if not worker.in_flight:
+                    self._release(worker)
 
     def workers_info(self) -> list[dict[str, Any]]:
         rows = []
@@ -359,9 +394,12 @@ class ProcessPool(Pool):
             elif worker.stopping is not None:
                 state, reason = "dead", worker.stopping[1]
             elif worker.retiring:
-                state, reason = "recycling", f"reached max_tasks_per_worker={self._max_tasks}"
+                state, reason = "recycling", worker.retiring
+            elif task is not None:
+                state, reason = "busy", None
             else:
-                state, reason = ("busy" if task is not None else "idle"), None
+                paused = self._admission.machine_pause() or self._admission.worker_pause(worker.id)
+                state, reason = ("idle", None) if paused is None else ("paused", paused)
             rows.append(
                 {
                     "worker": worker.id,

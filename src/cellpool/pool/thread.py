@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..admission import Admission
 from ..tasks import Batch, Outcomes, call
 from .base import Completed, Pool, Report, Running, WorkerLost
 
@@ -60,10 +61,12 @@ class ThreadPool(Pool):
         self,
         workers: int,
         report: Report,
+        admission: Admission,
         initializer: Callable[..., Any] | None = None,
         initargs: tuple = (),
     ) -> None:
         self._report = report
+        self._admission = admission
         self._initializer = initializer
         self._initargs = initargs
         self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
@@ -111,8 +114,19 @@ class ThreadPool(Pool):
 
     # -- the dispatcher's side -----------------------------------------------------
 
+    def _paused(self) -> str | None:
+        """Threads share their process: its memory and fds pause them all together."""
+        any_thread = next(iter(self._workers))
+        return self._admission.machine_pause() or self._admission.worker_pause(any_thread)
+
     def capacity(self) -> int:
+        if self._paused() is not None:
+            return 0
         return PREFETCH * len(self._workers) - self._in_flight
+
+    def pause_reasons(self) -> list[str]:
+        paused = self._paused()
+        return [] if paused is None else [f"the process: {paused}"]
 
     def send(self, batch: Batch) -> None:
         self._in_flight += 1
@@ -159,14 +173,17 @@ class ThreadPool(Pool):
     def workers_info(self) -> list[dict[str, Any]]:
         now = time.time()
         self._abandoned = [w for w in self._abandoned if w.thread and w.thread.is_alive()]
+        paused = self._paused()
         rows = []
         for worker in [*self._workers.values(), *self._abandoned]:
             with worker.lock:
                 batch, position, started = worker.batch, worker.position, worker.started
             if worker.abandoned:
                 state, reason = "abandoned", "ran past its timeout; the thread cannot be killed"
+            elif batch is not None:
+                state, reason = "busy", None
             else:
-                state, reason = ("busy" if batch is not None else "idle"), None
+                state, reason = ("idle", None) if paused is None else ("paused", paused)
             rows.append(
                 {
                     "worker": worker.id,

@@ -49,6 +49,7 @@ def make_view(
     run: Run,
     label: str,
     monitor: Monitor,
+    note: Callable[[], str | None],
     cancel: Callable[[], Any],
     background: bool,
 ) -> View | None:
@@ -67,7 +68,7 @@ def make_view(
     if progress == "widget":
         from .widget import WidgetProgress
 
-        return WidgetProgress(run, label, monitor, cancel, background)
+        return WidgetProgress(run, label, monitor, note, cancel, background)
     if progress == "text":
         return TextProgress(run, label, sys.stderr)
     return None

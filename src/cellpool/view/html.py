@@ -74,15 +74,25 @@ def workers_html(workers: list[dict[str, Any]]) -> str:
     return f'<table class="cellpool-workers" style="{_TABLE}"><tr>{head}</tr>{rows}</table>'
 
 
-def machine_html(machine: Machine) -> str:
-    """The machine's CPU and memory on one line."""
-    return (
+def machine_html(machine: Machine, note: str | None = None) -> str:
+    """The machine's CPU and memory on one line, and why dispatch is held, if it is."""
+    line = (
         '<div class="cellpool-machine" style="color:var(--jp-ui-font-color2, #757575)">'
         f"machine: CPU {machine.cpu_percent:.0f}% &middot; memory "
         f"{size(machine.memory_available)} available of {size(machine.memory_total)}</div>"
     )
+    if note:
+        line += (
+            '<div class="cellpool-note" style="color:var(--jp-warn-color1, #f57c00)">'
+            f"{html.escape(note)}</div>"
+        )
+    return line
 
 
-def live_html(label: str, figures: Figures, sample: Sample) -> str:
+def live_html(label: str, figures: Figures, sample: Sample, note: str | None = None) -> str:
     """Everything but the progress bar: status line, worker table, machine line."""
-    return status_html(label, figures) + workers_html(sample.workers) + machine_html(sample.machine)
+    return (
+        status_html(label, figures)
+        + workers_html(sample.workers)
+        + machine_html(sample.machine, note)
+    )

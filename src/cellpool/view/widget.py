@@ -62,12 +62,14 @@ class WidgetProgress:
         run: Run,
         label: str,
         monitor: Monitor,
+        note: Callable[[], str | None],
         cancel: Callable[[], Any],
         background: bool,
     ) -> None:
         self._run = run
         self._label = label
         self._monitor = monitor
+        self._note = note
         self._bar = widgets.IntProgress(value=0, min=0, max=max(run.total or 1, 1))
         self._bar.bar_style = "info"
         self._button = widgets.Button(
@@ -95,7 +97,7 @@ class WidgetProgress:
                     "danger" if run.cancelled else "warning" if figures.failed else "success"
                 )
         # At the end the table moves to the static summary: the widget keeps its bar.
-        html = "" if final else live_html(self._label, figures, self._monitor.latest)
+        html = "" if final else live_html(self._label, figures, self._monitor.latest, self._note())
         if html != self._html.value:
             self._html.value = html
         if final:
@@ -106,7 +108,7 @@ class WidgetProgress:
         figures = figures_of(self._run)
         return Summary(
             summary_line(self._label, figures),
-            live_html(self._label, figures, self._monitor.sample()),
+            live_html(self._label, figures, self._monitor.sample(), self._note()),
         )
 
     def finish(self) -> None:
