@@ -70,16 +70,11 @@ class Admission:
 
     def pause(self, rss: int | None, fds: int | None) -> str | None:
         """Why a worker (or, for threads, the process) with these figures may take no work."""
-        limits = self.limits
-        if limits.memory_limit is not None and rss is not None:
-            if rss >= limits.memory_pause * limits.memory_limit:
-                share = rss / limits.memory_limit
-                return (
-                    f"memory {size(rss)} is {share:.0%} of memory_limit {size(limits.memory_limit)}"
-                )
-        if limits.fd_limit is not None and fds is not None:
-            if fds >= limits.fd_pause * limits.fd_limit:
-                return f"{fds} open files are {fds / limits.fd_limit:.0%} of fd_limit {limits.fd_limit}"
+        memory, files = self.limits.memory_limit, self.limits.fd_limit
+        if memory is not None and rss is not None and rss >= self.limits.memory_pause * memory:
+            return f"memory {size(rss)} is {rss / memory:.0%} of memory_limit {size(memory)}"
+        if files is not None and fds is not None and fds >= self.limits.fd_pause * files:
+            return f"{fds} open files are {fds / files:.0%} of fd_limit {files}"
         return None
 
     def worker_pause(self, worker: str) -> str | None:
