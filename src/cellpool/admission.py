@@ -85,8 +85,8 @@ class Admission:
         """``("kill" | "recycle", reason)`` for a worker that must go, else ``None``."""
         row = self._row(worker)
         limit = self.limits.memory_limit
-        if row is None:
-            return None
+        if row is None or not (busy or row["done"]):
+            return None  # a fresh worker already over a limit: a new one would be no better
         rss = row.get("rss")
         if limit is not None and rss is not None and rss > limit:
             reason = f"memory_limit: memory {size(rss)} is over {size(limit)}"
