@@ -10,6 +10,7 @@ touched by no other thread, so it needs no locks.
 from __future__ import annotations
 
 import heapq
+import inspect
 import itertools
 import queue
 import random
@@ -95,8 +96,13 @@ class Run:
         retries: int,
         retry_on: tuple[type[BaseException], ...],
         max_pending: int,
+        concurrency: int = 1,
     ) -> None:
         self.serial = next(_run_serials)
+        # async def tasks run a batch at a time on a worker's event loop: the batch is
+        # as large as the coroutines each worker keeps in flight
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.concurrency = concurrency
         self.fn = fn
         self.items = self._guarded(items)
         self.star = star
@@ -139,6 +145,8 @@ class Run:
             self.item_seconds = 0.8 * self.item_seconds + 0.2 * seconds
 
     def batch_size(self, workers: int) -> int:
+        if self.is_async:
+            return max(1, min(self.concurrency, self.max_pending // (2 * workers)))
         if self.item_seconds is None:
             return 1  # measure before batching
         # A batch holds about TARGET_BATCH_SECONDS of work, so the last ones leave workers
@@ -275,7 +283,8 @@ class Dispatcher:
         running = [busy for busy in self.pool.running() if busy.batch.run is run]
         if running_tasks == "kill":
             for busy in running:
-                self.pool.stop(busy.worker, status, failure.error or status)
+                task = (busy.batch.seq, busy.position)
+                self.pool.stop(busy.worker, status, failure.error or status, task)
         finishing = {(b.batch.seq, b.position) for b in running if running_tasks == "finish"}
         stopped: list[Task] = []
         for batch in [b for b in self._batches.values() if b.run is run]:
@@ -343,14 +352,15 @@ class Dispatcher:
             elif retryable and task.attempts <= run.retries and not run.cancelled:
                 self._retry(run, task)
             else:
+                # an async task's timeout is caught on the worker's own event loop
+                status = "timeout" if failure.error_type == TaskTimeout.__name__ else "error"
                 self._complete(
-                    run, task, "error", None, failure, event.worker, event.pid, started, finished
+                    run, task, status, None, failure, event.worker, event.pid, started, finished
                 )
 
     def _worker_lost(self, event: WorkerLost) -> None:
         self.pool.settle(event)
-        if event.culprit is not None:
-            batch, position = event.culprit
+        for batch, position in event.culprits:
             if batch.resolve(position):
                 run = batch.run
                 task = batch.task(position)
@@ -455,10 +465,11 @@ class Dispatcher:
         now = time.time()
         for busy in self.pool.running():
             timeout = busy.batch.run.timeout
+            if busy.batch.run.is_async:
+                continue  # its event loop enforces the timeout of each task
             if timeout is not None and not busy.batch.closed and now - busy.started > timeout:
-                self.pool.stop(
-                    busy.worker, "timeout", f"the task ran past its {timeout:g} s timeout"
-                )
+                reason = f"the task ran past its {timeout:g} s timeout"
+                self.pool.stop(busy.worker, "timeout", reason, (busy.batch.seq, busy.position))
 
     def _fill(self) -> None:
         if self.pool.broken is not None:

@@ -27,6 +27,7 @@ INTERRUPT_GRACE = 2.0  # how long Ctrl-C waits for the stop before re-raising
 # worker has at most two, so only microsecond tasks come near this cap; it lets them
 # travel in batches big enough to cost about what a plain loop does.
 PENDING_PER_WORKER = 4096
+DEFAULT_CONCURRENCY = 32  # async def tasks in flight per worker thread
 RUN_OPTIONS = ("timeout", "retries", "retry_on", "max_pending", "progress", "total")
 
 
@@ -215,9 +216,8 @@ class Executor(futures.Executor):
                 fd_pause=check.fraction("fd_pause", fd_pause),
             )
         )
+        self.concurrency = check.positive_int("concurrency", concurrency or DEFAULT_CONCURRENCY)
         unsupported = {
-            "threads_per_worker": threads_per_worker != 1,
-            "concurrency": concurrency is not None,
             "address": address is not None,
             "client": client is not None,
         }
@@ -227,11 +227,13 @@ class Executor(futures.Executor):
         for name, given in {
             "max_tasks_per_worker": max_tasks_per_worker,
             "start_method": start_method,
+            "threads_per_worker": None if threads_per_worker == 1 else threads_per_worker,
         }.items():
             if given is not None and self.kind != "process":
                 raise ValueError(f"{name} applies to kind='process' only")
         if max_tasks_per_worker is not None:
             check.positive_int("max_tasks_per_worker", max_tasks_per_worker)
+        self.threads_per_worker = check.positive_int("threads_per_worker", threads_per_worker)
         if start_method is not None:
             check.start_method(start_method)
         if initializer is not None:
@@ -263,6 +265,7 @@ class Executor(futures.Executor):
                 initializer=initializer,
                 initargs=initargs,
                 max_tasks_per_worker=max_tasks_per_worker,
+                threads_per_worker=self.threads_per_worker,
             )
         raise NotImplementedError(
             f"kind={self.kind!r} is not supported by this version of cellpool"
@@ -324,6 +327,7 @@ class Executor(futures.Executor):
                 retries=opts["retries"],
                 retry_on=opts["retry_on"],
                 max_pending=opts["max_pending"],
+                concurrency=self.concurrency,
             )
             self._dispatcher.post(AddRun(run))
         return run

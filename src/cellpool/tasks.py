@@ -7,11 +7,14 @@ tiny tasks costs a few list operations rather than a Python object per task.
 from __future__ import annotations
 
 import itertools
+import sys
+import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from .errors import TaskTimeout
 from .results import Failure
 
 if TYPE_CHECKING:
@@ -108,6 +111,76 @@ class Batch:
         self.resolved[start : start + count] = b"\x01" * count
         self.unresolved -= count
         return True
+
+
+_thread_state = threading.local()  # each worker thread's event loop, for async tasks
+
+
+def release_worker_thread() -> None:
+    """Close what a worker thread's tasks opened: its event loop, its HTTP session."""
+    loop = getattr(_thread_state, "loop", None)
+    if loop is not None:
+        loop.close()
+        _thread_state.loop = None
+    http = sys.modules.get("cellpool.http")  # not imported: no session to close
+    if http is not None:
+        http.close()
+
+
+def call_async(
+    fn: Any,
+    star: bool,
+    items: list[Any],
+    retry_on: tuple[type[BaseException], ...],
+    timeout: float | None,
+    blocked: Callable[[Any], Failure | None],
+) -> Outcomes:
+    """Run ``async def`` tasks together on this thread's event loop; the batch size is
+    the concurrency. ``blocked(item)`` names a reason an item cannot run, if any."""
+    import asyncio  # here, not at the top: it is slow to import, and most tasks are not async
+
+    loop = getattr(_thread_state, "loop", None)
+    if loop is None:
+        loop = _thread_state.loop = asyncio.new_event_loop()
+
+    async def together() -> list[Result]:
+        return await asyncio.gather(*(_one(fn, star, i, retry_on, timeout, blocked) for i in items))
+
+    results = loop.run_until_complete(together())
+    outcomes = Outcomes.empty()
+    for result in results:
+        outcomes.add(result)
+    return outcomes
+
+
+async def _one(
+    fn: Any,
+    star: bool,
+    item: Any,
+    retry_on: tuple[type[BaseException], ...],
+    timeout: float | None,
+    blocked: Callable[[Any], Failure | None],
+) -> Result:
+    import asyncio
+
+    started = time.time()
+    reason = blocked(item)
+    if reason is not None:
+        return (None, reason, False, started, started)
+    try:
+        value = await asyncio.wait_for(fn(*item) if star else fn(item), timeout)
+    except asyncio.TimeoutError:
+        error = TaskTimeout(f"the task ran past its {timeout:g} s timeout")
+        return (
+            None,
+            Failure(type(error).__name__, str(error), None, error),
+            False,
+            started,
+            time.time(),
+        )
+    except BaseException as exc:  # a task's SystemExit is its failure, not the worker's
+        return (None, failure_of(exc), isinstance(exc, retry_on), started, time.time())
+    return (value, None, False, started, time.time())
 
 
 def failure_of(exc: BaseException) -> Failure:

@@ -1,7 +1,8 @@
 """The loop of a worker process (this module runs in the child).
 
 Parent to worker, over the worker's own duplex pipe, cloudpickled:
-    ``(seq, run_id, job, items)``: run ``job`` (a pickled ``(fn, star, retry_on)``, or
+    ``(seq, run_id, job, items)``: run ``job`` (a pickled ``(fn, star, retry_on,
+    timeout)``, or
     ``None`` when this worker already holds the run's) over each item, ``fn(*item)`` if
     ``star`` else ``fn(item)``; ``None``: exit.
 Worker to parent:
@@ -16,60 +17,69 @@ knows which task a crash or a timeout belongs to, even when its results are not 
 
 from __future__ import annotations
 
+import inspect
 import mmap
 import os
 import pickle
+import queue
 import signal
 import struct
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import cloudpickle
 
 from .results import Failure
-from .tasks import Outcomes, failure_of
+from .tasks import Outcomes, call_async, failure_of, release_worker_thread
 
 FLUSH_SECONDS = 0.05  # send finished outcomes at least this often during a long batch
 JOB_CACHE = 8  # functions kept, newest last; the parent mirrors this to know what we hold
-_SLOT = struct.Struct("ddd")  # ticket running, when it started, ticket last finished
+_LANE = struct.Struct("ddd")  # ticket running, when it started, ticket last finished
+THREADS: int | None = None  # in a worker process: how many threads run its tasks
 
 
 SEQ_SPAN = 1_048_576  # a task's ticket is seq * SEQ_SPAN + position: exact in a double
 
 
 class Slot:
-    """Three doubles in shared memory: the ticket of the task a worker runs, when it
-    started, and the ticket of the last task it finished.
+    """Shared memory with one lane per worker thread; a lane is three doubles: the ticket
+    of the task it runs, when that started, and the ticket of the last task it finished.
 
     Each is written with one aligned 8-byte store, so a reader never sees half a value.
     The worker writes the start time before the ticket, so a reader that sees a new
     ticket may pair it with an old time only in the direction that delays a timeout.
     """
 
-    SIZE = _SLOT.size
-
-    def __init__(self, fd: int) -> None:
-        self._map = mmap.mmap(fd, self.SIZE)
+    def __init__(self, fd: int, lanes: int) -> None:
+        self._lanes = lanes
+        self._map = mmap.mmap(fd, lanes * _LANE.size)
         self.cells = memoryview(self._map).cast("d")  # the worker writes these directly
 
     @classmethod
-    def create(cls) -> tuple[Slot, int]:
+    def create(cls, lanes: int) -> tuple[Slot, int]:
         """A new slot and the fd to hand to the child (the caller closes it)."""
         fd = os.memfd_create("cellpool-slot", os.MFD_CLOEXEC)
-        os.ftruncate(fd, cls.SIZE)
-        slot = cls(fd)
-        _SLOT.pack_into(slot._map, 0, -1.0, 0.0, -1.0)
+        os.ftruncate(fd, lanes * _LANE.size)
+        slot = cls(fd, lanes)
+        for lane in range(lanes):
+            _LANE.pack_into(slot._map, lane * _LANE.size, -1.0, 0.0, -1.0)
         return slot, fd
 
-    def read(self) -> tuple[int, int, float] | None:
-        """(seq, position, started) of the task running now, or ``None`` between tasks."""
-        running, started, finished = _SLOT.unpack_from(self._map, 0)
-        if running == finished:
-            return None
-        seq, position = divmod(int(running), SEQ_SPAN)
-        return seq, position, started
+    def lane(self, index: int) -> memoryview:
+        return self.cells[3 * index : 3 * index + 3]
+
+    def read(self) -> list[tuple[int, int, float]]:
+        """(seq, position, started) of each task running now."""
+        running = []
+        for lane in range(self._lanes):
+            ticket, started, finished = _LANE.unpack_from(self._map, lane * _LANE.size)
+            if ticket != finished:
+                seq, position = divmod(int(ticket), SEQ_SPAN)
+                running.append((seq, position, started))
+        return running
 
     def close(self) -> None:
         self.cells.release()
@@ -154,11 +164,14 @@ class _Channel:
         self.send(("done", seq, start, len(outcomes.values), final, payload))
 
 
-def main(conn: Any, slot_fd: Any, init: bytes) -> None:
-    """Run batches from ``conn`` until told to stop or the parent goes away."""
+def main(conn: Any, slot_fd: Any, init: bytes, threads: int) -> None:
+    """Run batches from ``conn`` on ``threads`` threads until told to stop or the parent
+    goes away."""
+    global THREADS
+    THREADS = threads
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C stops
     fd = slot_fd.detach()
-    slot = Slot(fd)
+    slot = Slot(fd, threads)
     os.close(fd)
     channel = _Channel(conn)
     sys.stdout = _Forward(channel.send, "stdout")  # type: ignore[assignment]
@@ -173,7 +186,20 @@ def main(conn: Any, slot_fd: Any, init: bytes) -> None:
         init_failure = Failure(
             "InitializerError", f"the worker's initializer failed: {type(exc).__name__}: {exc}"
         )
-    jobs: dict[int, tuple[Any, bool, tuple]] = {}
+    batches = _received(conn, init_failure)
+    try:
+        if threads == 1:
+            for batch in batches:
+                _run_batch(channel, slot.lane(0), *batch)
+        else:
+            _run_on_threads(channel, slot, batches, threads)
+    finally:
+        release_worker_thread()
+
+
+def _received(conn: Any, init_failure: Failure | None) -> Iterator[tuple]:
+    """The batches the parent sends, as ``_run_batch`` arguments, until it says stop."""
+    jobs: dict[int, tuple[Any, bool, tuple, float | None]] = {}
     while True:
         try:
             data = conn.recv_bytes()
@@ -187,18 +213,46 @@ def main(conn: Any, slot_fd: Any, init: bytes) -> None:
             jobs[run_id] = pickle.loads(job)
             if len(jobs) > JOB_CACHE:
                 del jobs[next(iter(jobs))]
-        fn, star, retry_on = jobs[run_id]
+        fn, star, retry_on, timeout = jobs[run_id]
         blocked = init_failure or (fn.failure if isinstance(fn, Unpicklable) else None)
-        _run_batch(channel, slot, seq, fn, star, retry_on, items, blocked)
+        yield seq, fn, star, retry_on, timeout, items, blocked
+
+
+def _run_on_threads(channel: _Channel, slot: Slot, batches: Iterator[tuple], threads: int) -> None:
+    """Hand the batches to ``threads`` threads, each writing its own lane of the slot."""
+    waiting: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+
+    def serve(lane: memoryview) -> None:
+        try:
+            while (batch := waiting.get()) is not None:
+                _run_batch(channel, lane, *batch)
+        finally:
+            release_worker_thread()
+
+    runners = [
+        threading.Thread(target=serve, args=(slot.lane(i),), name=f"cellpool-lane-{i}")
+        for i in range(threads)
+    ]
+    for runner in runners:
+        runner.start()
+    try:
+        for batch in batches:
+            waiting.put(batch)
+    finally:
+        for _ in runners:
+            waiting.put(None)
+        for runner in runners:
+            runner.join()
 
 
 def _run_batch(
     channel: _Channel,
-    slot: Slot,
+    cells: memoryview,
     seq: int,
     fn: Any,
     star: bool,
     retry_on: tuple[type[BaseException], ...],
+    timeout: float | None,
     items: list[Any],
     blocked: Failure | None,
 ) -> None:
@@ -208,8 +262,20 @@ def _run_batch(
     ``tasks.call``: one clock read per task (a task starts when the one before ends),
     and the slot written through a memoryview.
     """
+    if inspect.iscoroutinefunction(fn):
+        cells[1], cells[0] = time.time(), seq * SEQ_SPAN  # the batch runs as one
+        outcomes = call_async(
+            fn,
+            star,
+            items,
+            retry_on,
+            timeout,
+            lambda item: blocked or (item.failure if isinstance(item, Unpicklable) else None),
+        )
+        cells[2] = seq * SEQ_SPAN
+        channel.send_outcomes(seq, 0, outcomes, final=True)
+        return
     values, started, finished, failures = outcomes = Outcomes.empty()
-    cells = slot.cells
     clock = time.time
     base = seq * SEQ_SPAN
     start = 0

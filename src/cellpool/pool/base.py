@@ -31,16 +31,16 @@ class Completed:
 class WorkerLost:
     """A worker stopped with tasks unfinished.
 
-    ``culprit`` is the (batch, position) it was running, if any: that task ends with
-    ``status``. The tasks in ``unfinished`` (batch, first position not reported) never
-    ran to completion and go to other workers without counting an attempt.
+    ``culprits`` are the (batch, position) of the tasks it was running that end with
+    ``status``. The other tasks in ``unfinished`` (batch, first position not reported)
+    never ran to completion and go to other workers without counting an attempt.
     """
 
     worker: str
     pid: int
     status: str
     reason: str
-    culprit: tuple[Batch, int] | None
+    culprits: list[tuple[Batch, int]] = field(default_factory=list)
     unfinished: list[tuple[Batch, int]] = field(default_factory=list)
 
 
@@ -83,8 +83,12 @@ class Pool(ABC):
         """The tasks running now, for timeout checks."""
 
     @abstractmethod
-    def stop(self, worker: str, status: str, reason: str) -> None:
-        """Stop the task running on ``worker``; a ``WorkerLost`` event follows if it can."""
+    def stop(
+        self, worker: str, status: str, reason: str, task: tuple[int, int] | None = None
+    ) -> None:
+        """Stop ``worker`` for the sake of ``task`` (batch seq, position), which ends
+        with ``status`` (``None``: every task it runs does); a ``WorkerLost`` event
+        follows if the worker can be stopped."""
 
     def batch_limit(self) -> int | None:
         """The most tasks the next batch may hold, if the pool has a limit."""

@@ -103,7 +103,8 @@ class _Worker:
         self.assigned = 0
         self.done = 0
         self.errors = 0
-        self.stopping: tuple[str, str] | None = None  # (status, reason) once killed
+        # once killed: (status, reason, the task it was killed for or None for all)
+        self.stopping: tuple[str, str, tuple[int, int] | None] | None = None
         self.kill_at: float | None = None
         self.retiring: str | None = None  # why it takes no more work and will be replaced
         self.ready = False  # set by the reader thread once the worker has started
@@ -126,8 +127,10 @@ class ProcessPool(Pool):
         initializer: Callable[..., Any] | None = None,
         initargs: tuple = (),
         max_tasks_per_worker: int | None = None,
+        threads_per_worker: int = 1,
     ) -> None:
         method = start_method or default_start_method()
+        self._threads = threads_per_worker
         self._ctx = multiprocessing.get_context(method)
         if method == "forkserver":
             self._ctx.set_forkserver_preload(["cellpool.worker"])
@@ -152,10 +155,10 @@ class ProcessPool(Pool):
         self._serial += 1
         worker_id = f"p{self._serial}"
         parent_end, child_end = self._ctx.Pipe(duplex=True)
-        slot, fd = child.Slot.create()
+        slot, fd = child.Slot.create(self._threads)
         process = self._ctx.Process(
             target=child.main,
-            args=(child_end, SharedFd(fd), self._init),
+            args=(child_end, SharedFd(fd), self._init, self._threads),
             name=f"cellpool-{worker_id}",
             daemon=True,
         )
@@ -225,7 +228,7 @@ class ProcessPool(Pool):
             w
             for w in self._workers.values()
             if not (w.dead or w.stopping or w.retiring)
-            and len(w.in_flight) < PREFETCH
+            and len(w.in_flight) < PREFETCH * self._threads
             and self._admission.worker_pause(w.id) is None
         ]
 
@@ -237,7 +240,7 @@ class ProcessPool(Pool):
         return [f"{worker}: {reason}" for worker, reason in paused.items() if reason]
 
     def capacity(self) -> int:
-        return sum(PREFETCH - len(w.in_flight) for w in self._available())
+        return sum(PREFETCH * self._threads - len(w.in_flight) for w in self._available())
 
     def _choose(self) -> _Worker:
         """The worker for the next batch: fewest tasks in flight, then most memory
@@ -279,10 +282,10 @@ class ProcessPool(Pool):
         data = self._jobs.get(run.serial)
         if data is None:
             try:
-                data = cloudpickle.dumps((run.fn, run.star, run.retry_on))
+                data = cloudpickle.dumps((run.fn, run.star, run.retry_on, run.timeout))
             except Exception as error:
                 stand_in = child.Unpicklable("function", error)
-                data = cloudpickle.dumps((stand_in, run.star, run.retry_on))
+                data = cloudpickle.dumps((stand_in, run.star, run.retry_on, run.timeout))
             self._jobs[run.serial] = data
             if len(self._jobs) > child.JOB_CACHE:
                 del self._jobs[next(iter(self._jobs))]
@@ -301,16 +304,21 @@ class ProcessPool(Pool):
                     self._release(worker)
             return
         worker = self._workers.pop(event.worker)
-        running = worker.slot.read()
-        if running is not None and running[0] in worker.in_flight:
-            event.culprit = (worker.in_flight[running[0]], running[1])
+        running = [
+            (worker.in_flight[seq], position)
+            for seq, position, _ in worker.slot.read()
+            if seq in worker.in_flight
+        ]
         exitcode = self._discard(worker)
+        target = None
         if worker.stopping is not None:
-            event.status, event.reason = worker.stopping
+            event.status, event.reason, target = worker.stopping
         elif worker.retiring and not worker.in_flight and exitcode == 0:
             event.status = "retired"
         else:
             event.reason = _exit_reason(exitcode)
+        # A crash cannot be pinned on one of the tasks it was running: all end with it.
+        event.culprits = [t for t in running if target is None or (t[0].seq, t[1]) == target]
         event.unfinished = [(batch, 0) for batch in worker.in_flight.values()]
         self._start_failures = 0 if worker.ready else self._start_failures + 1
         if self._start_failures >= START_FAILURES:
@@ -341,22 +349,23 @@ class ProcessPool(Pool):
     def running(self) -> list[Running]:
         busy = []
         for worker in self._workers.values():
-            now = worker.slot.read()
-            if now is None or worker.dead or worker.stopping:
+            if worker.dead or worker.stopping:
                 continue
-            seq, position, started = now
-            batch = worker.in_flight.get(seq)
-            if batch is not None:
-                busy.append(Running(worker.id, batch, position, started))
+            for seq, position, started in worker.slot.read():
+                batch = worker.in_flight.get(seq)
+                if batch is not None:
+                    busy.append(Running(worker.id, batch, position, started))
         return busy
 
-    def stop(self, worker: str, status: str, reason: str) -> None:
-        target = self._workers.get(worker)
-        if target is None or target.stopping is not None or target.dead:
+    def stop(
+        self, worker: str, status: str, reason: str, task: tuple[int, int] | None = None
+    ) -> None:
+        stopped = self._workers.get(worker)
+        if stopped is None or stopped.stopping is not None or stopped.dead:
             return
-        target.stopping = (status, reason)
-        target.kill_at = time.monotonic() + KILL_GRACE
-        target.process.terminate()
+        stopped.stopping = (status, reason, task)
+        stopped.kill_at = time.monotonic() + KILL_GRACE
+        stopped.process.terminate()
 
     def tick(self) -> None:
         now = time.monotonic()
@@ -383,12 +392,12 @@ class ProcessPool(Pool):
         rows = []
         now = time.time()
         for worker in list(self._workers.values()):
-            running = worker.slot.read() if not worker.dead else None
-            task = None
-            if running is not None:
-                seq, position, _ = running
+            running = [] if worker.dead else worker.slot.read()
+            task = started = None
+            for seq, position, since in running[:1]:  # the first thread's task
                 batch = worker.in_flight.get(seq)
-                task = batch.indices[position] if batch is not None else None
+                if batch is not None:
+                    task, started = batch.indices[position], since
             if worker.dead:
                 state, reason = "dead", "the worker process died"
             elif worker.stopping is not None:
@@ -406,7 +415,7 @@ class ProcessPool(Pool):
                     "pid": worker.pid,
                     "state": state,
                     "task": task,
-                    "task_seconds": now - running[2] if task is not None else None,
+                    "task_seconds": now - started if started is not None else None,
                     "done": worker.done,
                     "errors": worker.errors,
                     "reason": reason,

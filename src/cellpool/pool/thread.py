@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..admission import Admission
-from ..tasks import Batch, Outcomes, call
+from ..tasks import Batch, Outcomes, call, call_async, release_worker_thread
 from .base import Completed, Pool, Report, Running, WorkerLost
 
 PREFETCH = 2  # batches queued per worker, so a worker never waits for the dispatcher
@@ -88,6 +88,12 @@ class ThreadPool(Pool):
         worker.thread.start()
 
     def _work(self, worker: _Worker) -> None:
+        try:
+            self._serve(worker)
+        finally:
+            release_worker_thread()
+
+    def _serve(self, worker: _Worker) -> None:
         worker.native_id = threading.get_native_id()
         if self._initializer is not None:
             self._initializer(*self._initargs)
@@ -96,6 +102,9 @@ class ThreadPool(Pool):
             if batch is None:
                 return
             run = batch.run
+            if run.is_async:
+                self._run_async(worker, batch)
+                continue
             for position, item in enumerate(batch.items):
                 if run.cancelled:
                     break
@@ -111,6 +120,20 @@ class ThreadPool(Pool):
             with worker.lock:
                 outcomes, worker.outcomes, worker.batch = worker.outcomes, Outcomes.empty(), None
             self._report(Completed(batch, 0, outcomes, worker.id, self._pid))
+
+    def _run_async(self, worker: _Worker, batch: Batch) -> None:
+        """The batch's coroutines together on this thread's event loop."""
+        run = batch.run
+        with worker.lock:
+            worker.batch, worker.position, worker.started = batch, 0, time.time()
+        outcomes = call_async(
+            run.fn, run.star, batch.items, run.retry_on, run.timeout, lambda item: None
+        )
+        with worker.lock:
+            worker.batch = None
+            worker.done += len(outcomes.values)
+            worker.errors += len(outcomes.failures)
+        self._report(Completed(batch, 0, outcomes, worker.id, self._pid))
 
     # -- the dispatcher's side -----------------------------------------------------
 
@@ -144,7 +167,9 @@ class ThreadPool(Pool):
                     busy.append(Running(worker.id, worker.batch, worker.position, worker.started))
         return busy
 
-    def stop(self, worker: str, status: str, reason: str) -> None:
+    def stop(
+        self, worker: str, status: str, reason: str, task: tuple[int, int] | None = None
+    ) -> None:
         if status != "timeout":
             return  # a running thread cannot be stopped; its outcome will be ignored
         stuck = self._workers[worker]
@@ -165,7 +190,7 @@ class ThreadPool(Pool):
                 self._pid,
                 status,
                 reason,
-                culprit=(batch, position),
+                culprits=[(batch, position)],
                 unfinished=[(batch, position + 1)],
             )
         )
