@@ -362,8 +362,6 @@ def outcomes(results: Any) -> list[Outcome]:
 
 
 def cellpool_threads_in_processes(urls: list[str], warnings_path: str) -> list[Outcome]:
-    import cellpool.http  # fetch reads cellpool.http: import it before the workers start
-
     with cellpool.Executor(
         "process",
         PROCESSES,
@@ -388,8 +386,6 @@ def cellpool_async_tasks(urls: list[str], warnings_path: str) -> list[Outcome]:
 
 
 def cellpool_threads(urls: list[str], _: str) -> list[Outcome]:
-    import cellpool.http  # fetch reads cellpool.http: import it before the workers start
-
     with cellpool.Executor("thread", CONCURRENCY, progress="none") as pool:
         return outcomes(pool.run(fetch, urls))
 

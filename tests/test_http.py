@@ -19,6 +19,7 @@ from cellpool import Executor, http
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, so connection reuse shows
+    disable_nagle_algorithm = True  # else keep-alive answers wait on delayed ACKs
 
     def setup(self):
         super().setup()
@@ -201,6 +202,15 @@ def test_a_job_of_async_tasks_can_be_awaited():
             return await ex.start(wait_and_echo, range(6))
 
     assert asyncio.run(main()).values == [0, 1, 2, 3, 4, 5]
+
+
+def test_cellpool_http_is_reachable_from_the_package(tmp_path):
+    import subprocess
+    import sys
+
+    probe = "import cellpool; print(type(cellpool.http.session()).__name__)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.stdout.strip() == "WorkerSession", done.stderr
 
 
 def test_the_session_outside_a_worker_is_the_threads_own():

@@ -41,6 +41,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
+    if name == "http":  # cellpool.http.session(), for tasks: loads requests on first use
+        return importlib.import_module(".http", __name__)
     if name not in _EXPORTS:
         raise AttributeError(f"module 'cellpool' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

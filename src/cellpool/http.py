@@ -1,8 +1,8 @@
 """``cellpool.http.session()``: each worker's own ``requests.Session``.
 
 Sharing one default ``Session`` across 32 threads overflows urllib3's 10-connection pool
-("Connection pool is full, discarding connection"), opens a new TCP connection for most
-requests, waits forever on a server that never answers and gives up at the first reset.
+("Connection pool is full, discarding connection", and more TCP connections than
+needed), waits forever on a server that never answers and gives up at the first reset.
 The session returned here belongs to the calling worker: one per thread in a thread
 pool, one per process (shared by its ``threads_per_worker`` threads) in a process pool.
 Its connection pool is sized to that concurrency; it retries connection errors, dropped
@@ -74,8 +74,15 @@ def session(timeout: Any = DEFAULT_TIMEOUT) -> requests.Session:
 
 
 def close() -> None:
-    """Close the calling thread's session, or the process's (a worker that stops)."""
-    made = getattr(_local, "session", None) or _process_wide.pop("session", None)
+    """Close the calling thread's own session (a thread worker that stops)."""
+    made = getattr(_local, "session", None)
     _local.session = None
+    if made is not None:
+        made.close()
+
+
+def close_process_session() -> None:
+    """Close the session a worker process's threads share (once they have all stopped)."""
+    made = _process_wide.pop("session", None)
     if made is not None:
         made.close()

@@ -127,6 +127,13 @@ def release_worker_thread() -> None:
         http.close()
 
 
+def release_worker_process() -> None:
+    """Close what a worker process's threads shared; call once they have all stopped."""
+    http = sys.modules.get("cellpool.http")
+    if http is not None:
+        http.close_process_session()
+
+
 def call_async(
     fn: Any,
     star: bool,

@@ -33,7 +33,13 @@ from typing import Any
 import cloudpickle
 
 from .results import Failure
-from .tasks import Outcomes, call_async, failure_of, release_worker_thread
+from .tasks import (
+    Outcomes,
+    call_async,
+    failure_of,
+    release_worker_process,
+    release_worker_thread,
+)
 
 FLUSH_SECONDS = 0.05  # send finished outcomes at least this often during a long batch
 JOB_CACHE = 8  # functions kept, newest last; the parent mirrors this to know what we hold
@@ -195,6 +201,7 @@ def main(conn: Any, slot_fd: Any, init: bytes, threads: int) -> None:
             _run_on_threads(channel, slot, batches, threads)
     finally:
         release_worker_thread()
+        release_worker_process()  # after every thread that shares it has stopped
 
 
 def _received(conn: Any, init_failure: Failure | None) -> Iterator[tuple]:
