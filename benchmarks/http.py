@@ -361,28 +361,25 @@ def outcomes(results: Any) -> list[Outcome]:
     ]
 
 
-def cellpool_threads_in_processes(urls: list[str], warnings_path: str) -> list[Outcome]:
+def _on_processes(task: Any, urls: list[str], warnings_path: str, **options: int) -> list[Outcome]:
+    """``task`` over ``urls`` on cellpool's processes, counting pool-full warnings there."""
     with cellpool.Executor(
         "process",
         PROCESSES,
-        threads_per_worker=PER_PROCESS,
         progress="none",
         initializer=count_pool_full,
         initargs=(warnings_path,),
+        **options,
     ) as pool:
-        return outcomes(pool.run(fetch, urls))
+        return outcomes(pool.run(task, urls))
+
+
+def cellpool_threads_in_processes(urls: list[str], warnings_path: str) -> list[Outcome]:
+    return _on_processes(fetch, urls, warnings_path, threads_per_worker=PER_PROCESS)
 
 
 def cellpool_async_tasks(urls: list[str], warnings_path: str) -> list[Outcome]:
-    with cellpool.Executor(
-        "process",
-        PROCESSES,
-        concurrency=PER_PROCESS,
-        progress="none",
-        initializer=count_pool_full,
-        initargs=(warnings_path,),
-    ) as pool:
-        return outcomes(pool.run(afetch, urls))
+    return _on_processes(afetch, urls, warnings_path, concurrency=PER_PROCESS)
 
 
 def cellpool_threads(urls: list[str], _: str) -> list[Outcome]:

@@ -174,9 +174,10 @@ def test_the_live_view_moves_in_jupyterlab_and_leaves_a_summary(lab):
     assert moving == sorted(moving)
     busy = [rows for rows in tables if len(rows) == 2]
     assert busy, f"no worker table with a row per worker: {tables}"
-    for worker, pid, _state, *_, memory, _fds in busy[-1]:
+    for worker, pid, _state, *_, memory, _fds, threads in busy[-1]:
         assert worker in {"p1", "p2"}
         assert pid.isdigit()
         assert re.fullmatch(r"\d+\.\d MiB", memory)
+        assert threads.isdigit()
     assert "24/24 (100%) done" in seen["summary"]
     assert "0 errors" in seen["summary"]

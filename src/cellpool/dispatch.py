@@ -17,7 +17,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,6 +25,7 @@ from .admission import Admission
 from .errors import TaskCancelled, TaskTimeout, WorkerCrashed
 from .pool.base import Completed, Pool, WorkerLost
 from .results import Failure
+from .sinks import Finished, FinishedBatch
 from .tasks import Batch, Task
 
 TARGET_BATCH_SECONDS = 0.01  # tiny tasks travel in batches of about this much work
@@ -44,31 +45,9 @@ _STATUS_ERRORS: dict[str, type[BaseException]] = {
 class Sink(Protocol):
     """Where a run's records go: a Results, an ordered value stream, or a Future."""
 
-    def put(
-        self,
-        task: Task,
-        status: str,
-        value: Any,
-        failure: Failure | None,
-        worker: str | None,
-        pid: int | None,
-        started: float | None,
-        finished: float | None,
-    ) -> None: ...
+    def put(self, done: Finished) -> None: ...
 
-    def put_many(
-        self,
-        indices: Sequence[int],
-        items: list[Any],
-        attempts: int | list[int],
-        status: str,
-        values: list[Any] | None,
-        failure: Failure | None,
-        started: list[float] | None,
-        finished: list[float] | None,
-        worker: str | None,
-        pid: int | None,
-    ) -> None: ...
+    def put_many(self, done: FinishedBatch) -> None: ...
 
     def buffered(self) -> int: ...
 
@@ -422,7 +401,7 @@ class Dispatcher:
         run.done += 1
         run.failed += status not in ("ok", "cancelled")
         run.cancelled_tasks += status == "cancelled"
-        run.sink.put(task, status, value, failure, worker, pid, started, finished)
+        run.sink.put(Finished(task, status, value, failure, worker, pid, started, finished))
 
     def _complete_many(
         self,
@@ -448,16 +427,18 @@ class Dispatcher:
         run.cancelled_tasks += count if status == "cancelled" else 0
         tried = 1 if status == "ok" else 0
         run.sink.put_many(
-            batch.indices[start : start + count],
-            batch.items[start : start + count],
-            tried,
-            status,
-            values,
-            failure,
-            started,
-            finished,
-            worker,
-            pid,
+            FinishedBatch(
+                batch.indices[start : start + count],
+                batch.items[start : start + count],
+                tried,
+                status,
+                values,
+                failure,
+                started,
+                finished,
+                worker,
+                pid,
+            )
         )
 
     def _expire(self) -> None:

@@ -1,7 +1,7 @@
 """Where a run's records go: a ``Results`` (run, start), an ordered stream (map), a Future.
 
-Every sink takes records one at a time (``put``) or many with one status (``put_many``,
-positions equal to input indices).
+Every sink takes records one at a time (``put``, a ``Finished``) or many with one status
+(``put_many``, a ``FinishedBatch``, whose positions are its input indices).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .results import Failure, Results, exception_of
 from .tasks import Task
@@ -29,6 +29,34 @@ def _with_results(error: BaseException, results: Results) -> BaseException:
     return error
 
 
+class Finished(NamedTuple):
+    """One task's record, as the dispatcher hands it to a sink."""
+
+    task: Task
+    status: str
+    value: Any
+    failure: Failure | None
+    worker: str | None
+    pid: int | None
+    started: float | None
+    finished: float | None
+
+
+class FinishedBatch(NamedTuple):
+    """Records of several inputs with one status; per-record lists, or ``None`` for none."""
+
+    indices: Sequence[int]
+    items: list[Any]
+    attempts: int | list[int]
+    status: str
+    values: list[Any] | None
+    failure: Failure | None
+    started: list[float] | None
+    finished: list[float] | None
+    worker: str | None
+    pid: int | None
+
+
 class RecordSink:
     """Collects a ``Results``; its future completes when the run has ended."""
 
@@ -37,48 +65,36 @@ class RecordSink:
         self.future: Future[Results] = Future()
         self._lock = threading.Lock()
 
-    def put(
-        self,
-        task: Task,
-        status: str,
-        value: Any,
-        failure: Failure | None,
-        worker: str | None,
-        pid: int | None,
-        started: float | None,
-        finished: float | None,
-    ) -> None:
+    def put(self, done: Finished) -> None:
+        task = done.task
         with self._lock:
             self.results._put(
                 task.index,
                 task.index,
                 task.item,
-                status,
-                value,
-                failure,
-                worker,
-                pid,
+                done.status,
+                done.value,
+                done.failure,
+                done.worker,
+                done.pid,
                 task.attempts,
-                started,
-                finished,
+                done.started,
+                done.finished,
             )
 
-    def put_many(
-        self,
-        indices: Sequence[int],
-        items: list[Any],
-        attempts: int | list[int],
-        status: str,
-        values: list[Any] | None,
-        failure: Failure | None,
-        started: list[float] | None,
-        finished: list[float] | None,
-        worker: str | None,
-        pid: int | None,
-    ) -> None:
+    def put_many(self, done: FinishedBatch) -> None:
         with self._lock:
             self.results._put_many(
-                indices, items, status, values, failure, attempts, started, finished, worker, pid
+                done.indices,
+                done.items,
+                done.status,
+                done.values,
+                done.failure,
+                done.attempts,
+                done.started,
+                done.finished,
+                done.worker,
+                done.pid,
             )
 
     def buffered(self) -> int:
@@ -106,42 +122,23 @@ class OrderedSink:
         self._input_error: BaseException | None = None
         self._changed = threading.Condition()
 
-    def put(
-        self,
-        task: Task,
-        status: str,
-        value: Any,
-        failure: Failure | None,
-        worker: str | None,
-        pid: int | None,
-        started: float | None,
-        finished: float | None,
-    ) -> None:
-        entry = (True, value) if failure is None else (False, exception_of(status, failure))
+    def put(self, done: Finished) -> None:
+        if done.failure is None:
+            entry = (True, done.value)
+        else:
+            entry = (False, exception_of(done.status, done.failure))
         with self._changed:
-            self._ready[task.index] = entry
-            if task.index == self._next:
+            self._ready[done.task.index] = entry
+            if done.task.index == self._next:
                 self._changed.notify()
 
-    def put_many(
-        self,
-        indices: Sequence[int],
-        items: list[Any],
-        attempts: int | list[int],
-        status: str,
-        values: list[Any] | None,
-        failure: Failure | None,
-        started: list[float] | None,
-        finished: list[float] | None,
-        worker: str | None,
-        pid: int | None,
-    ) -> None:
-        if failure is None:
-            entries = [(True, value) for value in values or [None] * len(items)]
+    def put_many(self, done: FinishedBatch) -> None:
+        if done.failure is None:
+            entries = [(True, value) for value in done.values or [None] * len(done.items)]
         else:
-            entries = [(False, exception_of(status, failure))] * len(items)
+            entries = [(False, exception_of(done.status, done.failure))] * len(done.items)
         with self._changed:
-            self._ready.update(zip(indices, entries, strict=True))
+            self._ready.update(zip(done.indices, entries, strict=True))
             if self._next in self._ready:
                 self._changed.notify()
 
@@ -179,42 +176,23 @@ class FutureSink:
     def __init__(self, future: Future[Any]) -> None:
         self.future = future
 
-    def put(
-        self,
-        task: Task,
-        status: str,
-        value: Any,
-        failure: Failure | None,
-        worker: str | None,
-        pid: int | None,
-        started: float | None,
-        finished: float | None,
-    ) -> None:
+    def put(self, done: Finished) -> None:
         try:
-            if failure is None:
-                self.future.set_result(value)
-            elif status == "cancelled":
+            if done.failure is None:
+                self.future.set_result(done.value)
+            elif done.status == "cancelled":
                 self.future.cancel()
             else:
-                self.future.set_exception(exception_of(status, failure))
+                self.future.set_exception(exception_of(done.status, done.failure))
         except InvalidStateError:
             pass  # the caller cancelled the future first
 
-    def put_many(
-        self,
-        indices: Sequence[int],
-        items: list[Any],
-        attempts: int | list[int],
-        status: str,
-        values: list[Any] | None,
-        failure: Failure | None,
-        started: list[float] | None,
-        finished: list[float] | None,
-        worker: str | None,
-        pid: int | None,
-    ) -> None:
-        value = None if values is None else values[0]
-        self.put(Task(indices[0], items[0], 1), status, value, failure, worker, pid, None, None)
+    def put_many(self, done: FinishedBatch) -> None:
+        value = None if done.values is None else done.values[0]
+        task = Task(done.indices[0], done.items[0], 1)
+        self.put(
+            Finished(task, done.status, value, done.failure, done.worker, done.pid, None, None)
+        )
 
     def buffered(self) -> int:
         return 0

@@ -25,7 +25,19 @@ _TABLE = (
     "font-variant-numeric:tabular-nums;color:var(--jp-ui-font-color1, inherit)"
 )
 _CELL = "padding:1px 8px;text-align:right;border-bottom:1px solid var(--jp-border-color2, #ddd)"
-_COLUMNS = ("worker", "pid", "state", "task", "for", "done", "errors", "CPU", "memory", "fds")
+_COLUMNS = (
+    "worker",
+    "pid",
+    "state",
+    "task",
+    "for",
+    "done",
+    "errors",
+    "CPU",
+    "memory",
+    "fds",
+    "threads",
+)
 
 
 def status_html(label: str, figures: Figures) -> str:
@@ -63,6 +75,7 @@ def _row(worker: dict[str, Any]) -> str:
         cpu_text,
         size(worker.get("rss")),
         "-" if worker.get("fds") is None else str(worker["fds"]),
+        "-" if worker.get("threads") is None else str(worker["threads"]),
     ]
     return "<tr>" + "".join(f'<td style="{_CELL}">{cell}</td>' for cell in cells) + "</tr>"
 
