@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -33,7 +33,6 @@ class Sample:
 
     workers: list[dict[str, Any]]
     machine: Machine
-    taken: float = field(default_factory=time.time)
 
 
 class Sampler:

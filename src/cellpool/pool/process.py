@@ -136,7 +136,6 @@ class ProcessPool(Pool):
             self._ctx.set_forkserver_preload(["cellpool.worker"])
         self._report = report
         self._admission = admission
-        self._size = workers
         self._max_tasks = max_tasks_per_worker
         self._init = cloudpickle.dumps((initializer, initargs))
         self._jobs: dict[int, bytes] = {}
