@@ -96,6 +96,7 @@ class Run:
         self.starved = False  # no room left: a consumer of map() must wake the dispatcher
         self.exhausted = False
         self.cancelled = False  # read by worker threads to skip the rest of a batch
+        self.finishing = False  # stopped, but what workers already hold runs to its end
         self.input_error: BaseException | None = None
         self.done = 0
         self.failed = 0  # recorded as error, timeout or crashed
@@ -108,8 +109,11 @@ class Run:
         """The input, ending early (and noting why) if iterating it raises."""
         try:
             yield from items
-        except Exception as exc:
+        except BaseException as exc:  # even SystemExit: it is the input's, not ours
             self.input_error = exc
+
+    def accepts_retries(self) -> bool:
+        return not (self.cancelled or self.finishing)
 
     def room(self) -> int:
         """How many more inputs may be taken without passing ``max_pending``."""
@@ -195,6 +199,7 @@ class Dispatcher:
         self._retries: list[tuple[float, int, Run, Task]] = []
         self._retry_order = itertools.count()
         self._closing = False
+        self.failure: RuntimeError | None = None  # set if this thread died of a bug
         self._handlers: dict[type, Callable[[Any], None]] = {
             AddRun: self._add_run,
             CancelRun: self._cancel_run,
@@ -217,10 +222,12 @@ class Dispatcher:
             self._serve()
         except BaseException as exc:
             # A bug here must not leave callers waiting forever: end every run with it.
+            self.failure = RuntimeError(f"cellpool's dispatcher failed: {exc!r}")
             for run in self._runs:
-                run.input_error = RuntimeError(f"cellpool's dispatcher failed: {exc!r}")
+                run.input_error = self.failure
                 run.sink.finish(run)
                 run.finished.set()
+            self.pool.shutdown(wait=False)
             raise
 
     def _serve(self) -> None:
@@ -258,19 +265,18 @@ class Dispatcher:
         """End a run early: every task not finished gets ``status`` (see ``CancelRun``)."""
         if run not in self._runs:
             return  # already finished
-        run.cancelled = True  # set first: a worker thread checks it before each task
-        running = [busy for busy in self.pool.running() if busy.batch.run is run]
-        if running_tasks == "kill":
-            for busy in running:
-                task = (busy.batch.seq, busy.position)
-                self.pool.stop(busy.worker, status, failure.error or status, task)
-        finishing = {(b.batch.seq, b.position) for b in running if running_tasks == "finish"}
         stopped: list[Task] = []
-        for batch in [b for b in self._batches.values() if b.run is run]:
-            for position in range(len(batch.items)):
-                if (batch.seq, position) not in finishing and batch.resolve(position):
-                    stopped.append(batch.task(position))
-            if batch.unresolved == 0:
+        if running_tasks == "finish":
+            run.finishing = True  # what workers hold finishes and is recorded as it ends
+        else:
+            run.cancelled = True  # set first: a worker thread checks it before each task
+            if running_tasks == "kill":
+                for busy in self.pool.running():
+                    if busy.batch.run is run:
+                        task = (busy.batch.seq, busy.position)
+                        self.pool.stop(busy.worker, status, failure.error or status, task)
+            for batch in [b for b in self._batches.values() if b.run is run]:
+                stopped += [batch.task(p) for p in range(len(batch.items)) if batch.resolve(p)]
                 self._close(batch)
         for entry in [e for e in self._requeued if e[0] is run]:
             self._requeued.remove(entry)
@@ -281,7 +287,7 @@ class Dispatcher:
         heapq.heapify(self._retries)
         for task in stopped:
             self._complete(run, task, status, None, failure, None, None, None, None)
-        if run.total is not None and not run.exhausted:
+        if run.total is not None and not run.exhausted and run.total > run.next_index:
             # a sized input is cheap to walk: its remaining items get records too
             rest = run.take(run.total - run.next_index)
             if rest is not None:
@@ -328,7 +334,7 @@ class Dispatcher:
                 self._complete(
                     run, task, "ok", value, None, event.worker, event.pid, started, finished
                 )
-            elif retryable and task.attempts <= run.retries and not run.cancelled:
+            elif retryable and task.attempts <= run.retries and run.accepts_retries():
                 self._retry(run, task)
             else:
                 # an async task's timeout is caught on the worker's own event loop
@@ -346,7 +352,7 @@ class Dispatcher:
                 task = task._replace(attempts=task.attempts + 1)
                 error = _STATUS_ERRORS[event.status]
                 retry = event.status != "cancelled" and issubclass(error, run.retry_on)
-                if retry and task.attempts <= run.retries and not run.cancelled:
+                if retry and task.attempts <= run.retries and run.accepts_retries():
                     self._retry(run, task)
                 else:
                     failure = Failure(error.__name__, event.reason)
@@ -364,7 +370,20 @@ class Dispatcher:
         for batch, first in event.unfinished:
             for position in range(first, len(batch.items)):
                 if batch.resolve(position):
-                    self._requeued.append((batch.run, batch.task(position)))
+                    if batch.run.cancelled:
+                        self._complete(
+                            batch.run,
+                            batch.task(position),
+                            "cancelled",
+                            None,
+                            CANCELLED,
+                            None,
+                            None,
+                            None,
+                            None,
+                        )
+                    else:
+                        self._requeued.append((batch.run, batch.task(position)))
             self._close(batch)
 
     def _shutdown(self, event: Shutdown) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent import futures
 from typing import Any
@@ -14,6 +15,7 @@ from .admission import Admission, Limits
 from .dispatch import AddRun, CancelRun, Dispatcher, Run, Shutdown, Wake
 from .monitor import Monitor
 from .pool.base import Pool
+from .pool.dask import DaskPool
 from .pool.process import ProcessPool
 from .pool.thread import ThreadPool
 from .results import Results
@@ -217,13 +219,9 @@ class Executor(futures.Executor):
             )
         )
         self.concurrency = check.positive_int("concurrency", concurrency or DEFAULT_CONCURRENCY)
-        unsupported = {
-            "address": address is not None,
-            "client": client is not None,
-        }
-        for name, given in unsupported.items():
-            if given:
-                raise NotImplementedError(f"{name} is not supported by this version of cellpool")
+        for name, given in {"address": address, "client": client}.items():
+            if given is not None and self.kind != "dask":
+                raise ValueError(f"{name} applies to kind='dask' only")
         for name, given in {
             "max_tasks_per_worker": max_tasks_per_worker,
             "start_method": start_method,
@@ -238,9 +236,13 @@ class Executor(futures.Executor):
             check.start_method(start_method)
         if initializer is not None:
             check.callable_fn("initializer", initializer)
+        if initializer is not None and self.kind == "dask":
+            raise ValueError("initializer does not apply to kind='dask' (use a dask WorkerPlugin)")
         self._pool = self._make_pool(
-            initializer, tuple(initargs), start_method, max_tasks_per_worker
+            initializer, tuple(initargs), start_method, max_tasks_per_worker, address, client
         )
+        if isinstance(self._pool, DaskPool) and workers is None:
+            self.workers = self._pool.size  # the cluster's
         self._monitor = Monitor(self._pool.workers_info)
         self._admission.monitor = self._monitor
         self._dispatcher = Dispatcher(self._pool, self.workers, self._admission)
@@ -253,6 +255,8 @@ class Executor(futures.Executor):
         initargs: tuple,
         start_method: str | None,
         max_tasks_per_worker: int | None,
+        address: str | None,
+        client: Any,
     ) -> Pool:
         if self.kind == "thread":
             return ThreadPool(self.workers, self._post, self._admission, initializer, initargs)
@@ -267,9 +271,8 @@ class Executor(futures.Executor):
                 max_tasks_per_worker=max_tasks_per_worker,
                 threads_per_worker=self.threads_per_worker,
             )
-        raise NotImplementedError(
-            f"kind={self.kind!r} is not supported by this version of cellpool"
-        )
+        local_workers = self.workers if address is None and client is None else None
+        return DaskPool(local_workers, self._post, address, client)
 
     def _post(self, event: Any) -> None:
         self._dispatcher.post(event)
@@ -315,6 +318,8 @@ class Executor(futures.Executor):
         with self._shutdown_lock:
             if self._closed:
                 raise RuntimeError("cannot use the executor after shutdown")
+            if self._dispatcher.failure is not None:
+                raise self._dispatcher.failure
             if self._pool.broken is not None:
                 raise RuntimeError(f"the executor is broken: {self._pool.broken}")
             run = Run(
@@ -363,7 +368,10 @@ class Executor(futures.Executor):
         sink = OrderedSink()
         run = self._new_run(fn, inputs, sink, self._options("map", {}))
         deadline = None if timeout is None else run.created + timeout
-        return self._ordered_values(run, sink, deadline)
+        values = self._ordered_values(run, sink, deadline)
+        # Dropped before it was ever iterated, a generator runs no finally: cancel then.
+        weakref.finalize(values, self._dispatcher.post, CancelRun(run, running="drop"))
+        return values
 
     def _ordered_values(
         self, run: Run, sink: OrderedSink, deadline: float | None
@@ -395,9 +403,14 @@ class Executor(futures.Executor):
                 self._closed = True
                 event = Shutdown(cancel_futures)
                 self._dispatcher.post(event)
-                event.handled.wait()  # pending work is cancelled before we return
+                # Pending work is cancelled before we return, unless we are the dispatcher
+                # (a future's callback calling shutdown) or it has died.
+                dispatcher = self._dispatcher.thread
+                while threading.current_thread() is not dispatcher and dispatcher.is_alive():
+                    if event.handled.wait(POLL):
+                        break
                 self._monitor.stop()
-        if wait:
+        if wait and threading.current_thread() is not self._dispatcher.thread:
             self._dispatcher.thread.join()
 
     # -- cellpool ------------------------------------------------------------------

@@ -87,12 +87,14 @@ class Sampler:
             return {}
 
     def enrich(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        live = {row["pid"] for row in rows if row["pid"] is not None}
+        """``rows`` with their figures; rows that bring their own (dask's) are kept as they are."""
+        own = [row for row in rows if "rss" not in row]
+        live = {row["pid"] for row in own if row["pid"] is not None}
         for pid in set(self._processes) - live:
             del self._processes[pid]
-        with_threads = {row["pid"] for row in rows if row.get("native_id") is not None}
+        with_threads = {row["pid"] for row in own if row.get("native_id") is not None}
         figures = {pid: self._figures(pid, pid in with_threads) for pid in live}
-        for row in rows:
+        for row in own:
             proc = figures.get(row["pid"], {})
             native_id = row.get("native_id")
             if native_id is not None:

@@ -198,4 +198,5 @@ class FutureSink:
         return 0
 
     def finish(self, run: Run) -> None:
-        pass
+        if run.input_error is not None and not self.future.done():
+            self.future.set_exception(run.input_error)  # the dispatcher failed

@@ -190,6 +190,13 @@ async def _one(
     return (value, None, False, started, time.time())
 
 
+def initializer_failure(exc: BaseException) -> Failure:
+    """What every task of a worker whose initializer raised ``exc`` records."""
+    return Failure(
+        "InitializerError", f"the worker's initializer failed: {type(exc).__name__}: {exc}"
+    )
+
+
 def failure_of(exc: BaseException) -> Failure:
     """Describe an exception raised by a task, its traceback starting in the task's code.
 

@@ -1,10 +1,11 @@
 """The loop of a worker process (this module runs in the child).
 
 Parent to worker, over the worker's own duplex pipe, cloudpickled:
-    ``(seq, run_id, job, items)``: run ``job`` (a pickled ``(fn, star, retry_on,
+    ``(seq, run_id, job, count, items)``: run ``job`` (a pickled ``(fn, star, retry_on,
     timeout)``, or
-    ``None`` when this worker already holds the run's) over each item, ``fn(*item)`` if
-    ``star`` else ``fn(item)``; ``None``: exit.
+    ``None`` when this worker already holds the run's) over each of the ``count`` items
+    (pickled apart, so that a batch the worker cannot unpickle fails as records rather
+    than killing the worker), ``fn(*item)`` if ``star`` else ``fn(item)``; ``None``: exit.
 Worker to parent:
     ``("ready",)`` once started;
     ``("done", seq, start, count, final, outcomes)``: ``count`` outcomes of positions
@@ -37,6 +38,7 @@ from .tasks import (
     Outcomes,
     call_async,
     failure_of,
+    initializer_failure,
     release_worker_process,
     release_worker_thread,
 )
@@ -117,10 +119,20 @@ class _Forward:
 
 
 class Unpicklable:
-    """Stands in for an input or a function the parent could not pickle."""
+    """Stands in for an input or a function that could not cross the pipe."""
 
-    def __init__(self, what: str, error: BaseException) -> None:
-        self.failure = Failure("PicklingError", f"could not pickle the {what}: {error}")
+    def __init__(self, what: str, error: BaseException, direction: str = "pickle") -> None:
+        kind = "PicklingError" if direction == "pickle" else "UnpicklingError"
+        where = "" if direction == "pickle" else " in the worker"
+        self.failure = Failure(kind, f"could not {direction} the {what}{where}: {error!r}")
+
+
+def _unpickled(data: bytes, what: str) -> Any:
+    """``data`` loaded, or a stand-in saying why it could not be (the batch then fails)."""
+    try:
+        return pickle.loads(data)
+    except Exception as error:
+        return Unpicklable(what, error, "unpickle")
 
 
 def _portable(outcomes: Outcomes) -> Outcomes:
@@ -189,9 +201,7 @@ def main(conn: Any, slot_fd: Any, init: bytes, threads: int) -> None:
         if initializer is not None:
             initializer(*initargs)
     except BaseException as exc:
-        init_failure = Failure(
-            "InitializerError", f"the worker's initializer failed: {type(exc).__name__}: {exc}"
-        )
+        init_failure = initializer_failure(exc)
     batches = _received(conn, init_failure)
     try:
         if threads == 1:
@@ -215,13 +225,19 @@ def _received(conn: Any, init_failure: Failure | None) -> Iterator[tuple]:
         message = pickle.loads(data)
         if message is None:
             return
-        seq, run_id, job, items = message
+        seq, run_id, job, count, payload = message  # the header always loads
         if job is not None:
-            jobs[run_id] = pickle.loads(job)
+            loaded = _unpickled(job, "function")
+            unloadable = isinstance(loaded, Unpicklable)
+            jobs[run_id] = (loaded, False, (), None) if unloadable else loaded
             if len(jobs) > JOB_CACHE:
                 del jobs[next(iter(jobs))]
         fn, star, retry_on, timeout = jobs[run_id]
-        blocked = init_failure or (fn.failure if isinstance(fn, Unpicklable) else None)
+        items = _unpickled(payload, "arguments")
+        lost = items.failure if isinstance(items, Unpicklable) else None
+        if lost is not None:
+            items = [None] * count
+        blocked = init_failure or (fn.failure if isinstance(fn, Unpicklable) else None) or lost
         yield seq, fn, star, retry_on, timeout, items, blocked
 
 

@@ -245,8 +245,11 @@ class ProcessPool(Pool):
         """The worker for the next batch: fewest tasks in flight, then most memory
         headroom (the one furthest from its limit, or the smallest)."""
         rss = {row["worker"]: row.get("rss") or 0 for row in self._admission.rows()}
+        # A new sample may pause every worker between capacity() and here: then any
+        # live worker takes this one batch.
+        live = [w for w in self._workers.values() if not (w.dead or w.stopping or w.retiring)]
         return min(
-            self._available(),
+            self._available() or live,
             key=lambda w: (
                 sum(len(b.items) for b in w.in_flight.values()),
                 len(w.in_flight),
@@ -438,7 +441,7 @@ class ProcessPool(Pool):
 def _message(batch: Batch, run_id: int, job: bytes | None) -> bytes:
     """The batch as bytes; inputs that cannot be pickled become error stand-ins."""
     try:
-        return cloudpickle.dumps((batch.seq, run_id, job, batch.items))
+        items = cloudpickle.dumps(batch.items)
     except Exception:
         checked: list[Any] = []
         for item in batch.items:
@@ -447,7 +450,8 @@ def _message(batch: Batch, run_id: int, job: bytes | None) -> bytes:
                 checked.append(item)
             except Exception as error:
                 checked.append(child.Unpicklable("arguments", error))
-        return cloudpickle.dumps((batch.seq, run_id, job, checked))
+        items = cloudpickle.dumps(checked)
+    return pickle.dumps((batch.seq, run_id, job, len(batch.items), items))
 
 
 def _unpickled(payload: bytes, count: int) -> Outcomes:

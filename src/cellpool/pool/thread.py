@@ -15,7 +15,14 @@ from collections.abc import Callable
 from typing import Any
 
 from ..admission import Admission
-from ..tasks import Batch, Outcomes, call, call_async, release_worker_thread
+from ..tasks import (
+    Batch,
+    Outcomes,
+    call,
+    call_async,
+    initializer_failure,
+    release_worker_thread,
+)
 from .base import Completed, Pool, Report, Running, WorkerLost
 
 PREFETCH = 2  # batches queued per worker, so a worker never waits for the dispatcher
@@ -95,13 +102,23 @@ class ThreadPool(Pool):
 
     def _serve(self, worker: _Worker) -> None:
         worker.native_id = threading.get_native_id()
+        init_failure = None
         if self._initializer is not None:
-            self._initializer(*self._initargs)
+            try:
+                self._initializer(*self._initargs)
+            except Exception as exc:  # as in a process: its tasks fail, the pool goes on
+                init_failure = initializer_failure(exc)
         while True:
             batch = self._queue.get()
             if batch is None:
                 return
             run = batch.run
+            if init_failure is not None:
+                outcomes = Outcomes.empty()
+                for _ in batch.items:
+                    outcomes.add((None, init_failure, False, time.time(), time.time()))
+                self._report(Completed(batch, 0, outcomes, worker.id, self._pid))
+                continue
             if run.is_async:
                 self._run_async(worker, batch)
                 continue
@@ -175,6 +192,8 @@ class ThreadPool(Pool):
         stuck = self._workers[worker]
         with stuck.lock:
             batch, position, finished = stuck.batch, stuck.position, stuck.outcomes
+            if batch is None or (task is not None and (batch.seq, position) != task):
+                return  # that task ended meanwhile: nothing to abandon
             stuck.abandoned = True
             stuck.outcomes = Outcomes.empty()
         del self._workers[worker]

@@ -41,20 +41,11 @@ that burns CPU also slows the server down.
 It prints a markdown table and the targets cellpool should meet. Run it from the
 repository root (the bench extra has aiohttp)::
 
-    python benchmarks/http.py          # 2,000 and 10,000 requests, about a minute
-    python benchmarks/http.py --quick  # 200 and 1,000 requests, for smoke testing
+    python benchmarks/http_clients.py          # 2,000 and 10,000 requests, about a minute
+    python benchmarks/http_clients.py --quick  # 200 and 1,000 requests, for smoke testing
 """
 
 from __future__ import annotations
-
-import os
-import sys
-
-# This file is named http.py: with its directory first on sys.path (python runs it as a
-# script), ``import http.client`` in requests, urllib3 and aiohttp would find it instead
-# of the standard library's package.
-if sys.path and os.path.realpath(sys.path[0] or ".") == os.path.dirname(os.path.realpath(__file__)):
-    del sys.path[0]
 
 import argparse
 import asyncio
@@ -62,9 +53,11 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import platform
 import select
 import subprocess
+import sys
 import tempfile
 import threading
 import time
