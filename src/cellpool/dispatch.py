@@ -28,7 +28,6 @@ from .results import Failure
 from .sinks import Finished, FinishedBatch
 from .tasks import Batch, Task
 
-TARGET_BATCH_SECONDS = 0.01  # tiny tasks travel in batches of about this much work
 BACKOFF_BASE = 0.1  # first retry after about this long, doubling per attempt
 BACKOFF_CAP = 30.0
 TICK = 0.1  # how often timeouts are checked while tasks run
@@ -127,14 +126,14 @@ class Run:
         else:
             self.item_seconds = 0.8 * self.item_seconds + 0.2 * seconds
 
-    def batch_size(self, workers: int) -> int:
+    def batch_size(self, workers: int, target_seconds: float) -> int:
         if self.is_async:
             return max(1, min(self.concurrency, self.max_pending // (2 * workers)))
         if self.item_seconds is None:
             return 1  # measure before batching
-        # A batch holds about TARGET_BATCH_SECONDS of work, so the last ones leave workers
-        # idle for no longer than that: no need to shrink them near the end.
-        size = int(TARGET_BATCH_SECONDS / max(self.item_seconds, 1e-7))
+        # A batch holds about target_seconds of work, so the last ones leave workers idle
+        # for no longer than that: no need to shrink them near the end.
+        size = int(target_seconds / max(self.item_seconds, 1e-7))
         return max(1, min(size, self.max_pending // (2 * workers)))
 
     def take(self, count: int) -> Batch | None:
@@ -502,7 +501,7 @@ class Dispatcher:
         for run in self._runs:  # first come, first served, as concurrent.futures users expect
             if run.exhausted or run.cancelled:
                 continue
-            count = min(run.batch_size(self.workers), run.room())
+            count = min(run.batch_size(self.workers, self.pool.batch_seconds), run.room())
             run.starved = count <= 0
             limit = self.pool.batch_limit()
             if limit is not None:

@@ -60,11 +60,13 @@ Report = Callable[[Any], None]
 class Pool(ABC):
     """Workers of one kind. Every method is called from the dispatcher thread.
 
-    ``broken`` says why, once the pool can run nothing more (its workers cannot start).
+    ``broken`` says why, once the pool can run nothing more (its workers cannot start);
+    ``batch_seconds`` is the work a batch should hold, more where a batch costs more.
     """
 
     kind: str
     broken: str | None = None
+    batch_seconds = 0.01  # tasks travel in batches of about this much measured work
 
     @abstractmethod
     def capacity(self) -> int:

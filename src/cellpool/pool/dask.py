@@ -17,7 +17,7 @@ from typing import Any
 from ..tasks import Batch, Outcomes, call, call_async
 from .base import Completed, Pool, Report, Running, WorkerLost
 
-PREFETCH = 2  # batches handed to dask per worker thread
+PREFETCH = 4  # batches handed to dask per worker thread
 INFO_SECONDS = 1.0  # how often the scheduler's figures are asked for
 
 
@@ -52,6 +52,7 @@ class DaskPool(Pool):
     here."""
 
     kind = "dask"
+    batch_seconds = 0.05  # a dask task costs about a millisecond or more: fewer, larger
 
     def __init__(
         self, workers: int | None, report: Report, address: str | None, client: Any
@@ -64,7 +65,7 @@ class DaskPool(Pool):
                 n_workers=workers,
                 threads_per_worker=1,
                 processes=True,
-                dashboard_address=None,
+                dashboard_address=":0",  # any free port: never a clash with another
                 silence_logs=40,
             )
             address = self._cluster.scheduler_address
