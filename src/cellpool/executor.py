@@ -411,7 +411,8 @@ class Executor(futures.Executor):
                         break
                 self._monitor.stop()
         if wait and threading.current_thread() is not self._dispatcher.thread:
-            self._dispatcher.thread.join()
+            while self._dispatcher.thread.is_alive():  # timed: Ctrl-C gets through
+                self._dispatcher.thread.join(POLL)
 
     # -- cellpool ------------------------------------------------------------------
 

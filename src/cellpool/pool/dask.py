@@ -116,14 +116,18 @@ class DaskPool(Pool):
 
     def _done(self, batch: Batch, future: Any) -> None:
         """Runs on the client's thread: turn a finished dask task into an event."""
-        if future.status == "finished":
+        status = future.status
+        if status == "finished":
             address, pid, outcomes = future.result()
             self._report(Completed(batch, 0, outcomes, address, pid))
-        elif future.status == "error":
+        elif status == "error":
             reason = f"dask could not run the batch: {future.exception()!r}"
             everything = [(batch, position) for position in range(len(batch.items))]
             self._report(WorkerLost("dask", 0, "crashed", reason, culprits=everything))
-        # a cancelled future was stopped by stop(), which reported it
+        elif status != "cancelled":  # a cancelled future was reported by stop()
+            # "lost": the worker holding its result died, and dask computes it again.
+            # The callback fires once, so wait for that second completion.
+            future.add_done_callback(lambda again: self._done(batch, again))
 
     def settle(self, event: Completed | WorkerLost) -> None:
         seq = event.batch.seq if isinstance(event, Completed) else event.culprits[0][0].seq
