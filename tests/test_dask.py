@@ -67,6 +67,19 @@ def test_cancel_stops_the_run_and_keeps_what_finished():
     assert statuses == {"ok", "cancelled"}
 
 
+def test_two_executors_on_one_cluster_never_share_results():
+    with (
+        distributed.LocalCluster(n_workers=1, processes=True, dashboard_address=":0") as cluster,
+        distributed.Client(cluster) as client,
+        Executor("dask", client=client, progress="none") as first,
+        Executor("dask", client=client, progress="none") as second,
+    ):
+        # batch numbers restart in every process: keys must not rely on them
+        assert first._pool._key != second._pool._key
+        assert first.run(abs, [-1, -2]).values == [1, 2]
+        assert second.run(str, [7, 8]).values == ["7", "8"]
+
+
 def test_an_existing_client_is_used_and_left_open():
     with (
         distributed.LocalCluster(n_workers=1, processes=True, dashboard_address=None) as cluster,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from typing import Any
 
 from ..tasks import Batch, Outcomes, call, call_async
@@ -71,6 +72,9 @@ class DaskPool(Pool):
             address = self._cluster.scheduler_address
         self._own_client = client is None
         self._client = client or distributed.Client(address)
+        # dask merges tasks with equal keys: batch numbers restart in every process, so
+        # two notebooks on one scheduler need keys of their own
+        self._key = f"cellpool-{uuid.uuid4().hex[:12]}"
         self._futures: dict[int, Any] = {}  # batch seq -> its dask future
         self._sent_at: dict[int, float] = {}
         self._batches: dict[int, Batch] = {}
@@ -107,7 +111,7 @@ class DaskPool(Pool):
             run.timeout if run.is_async else None,
             batch.items,
             pure=False,
-            key=f"cellpool-{batch.seq}",
+            key=f"{self._key}-{batch.seq}",
         )
         self._futures[batch.seq] = future
         self._sent_at[batch.seq] = time.time()
