@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from multiprocessing import reduction
 from typing import Any
 
 import cloudpickle
@@ -92,6 +93,27 @@ class Slot:
     def close(self) -> None:
         self.cells.release()
         self._map.close()
+
+
+class SharedFd:
+    """An fd for a worker process, duplicated into it when the worker starts.
+
+    It lives here, in the module the forkserver preloads, so that unpickling it in a new
+    worker imports nothing more.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, tuple]:
+        return _received_fd, (reduction.DupFd(self.fd),)
+
+    def detach(self) -> int:
+        return self.fd
+
+
+def _received_fd(dup: Any) -> SharedFd:
+    return SharedFd(dup.detach())
 
 
 class _Forward:

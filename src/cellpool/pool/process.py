@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from multiprocessing import reduction
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -40,23 +39,6 @@ def default_start_method() -> str:
     """forkserver where there is one (safe in a threaded kernel, fast), else spawn."""
     methods = multiprocessing.get_all_start_methods()
     return "forkserver" if "forkserver" in methods else "spawn"
-
-
-class SharedFd:
-    """An fd for a worker process, duplicated into it when the worker starts."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def __reduce__(self) -> tuple[Callable[..., Any], tuple]:
-        return _received_fd, (reduction.DupFd(self.fd),)
-
-    def detach(self) -> int:
-        return self.fd
-
-
-def _received_fd(dup: Any) -> SharedFd:
-    return SharedFd(dup.detach())
 
 
 @contextlib.contextmanager
@@ -157,7 +139,7 @@ class ProcessPool(Pool):
         slot, fd = child.Slot.create(self._threads)
         process = self._ctx.Process(
             target=child.main,
-            args=(child_end, SharedFd(fd), self._init, self._threads),
+            args=(child_end, child.SharedFd(fd), self._init, self._threads),
             name=f"cellpool-{worker_id}",
             daemon=True,
         )

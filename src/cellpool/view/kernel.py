@@ -10,11 +10,10 @@ pumped from the waiting cell, by jupyter-ui-poll.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
-
-from IPython import get_ipython
 
 _subshells: dict[int, str] = {}  # kernel id -> the subshell cellpool's widgets use
 _subshell_lock = threading.Lock()
@@ -22,7 +21,8 @@ _subshell_lock = threading.Lock()
 
 def current_kernel() -> Any:
     """The running ipykernel, or ``None`` outside one."""
-    return getattr(get_ipython(), "kernel", None)
+    ipython = sys.modules.get("IPython")  # a kernel has it loaded; elsewhere, do not load it
+    return None if ipython is None else getattr(ipython.get_ipython(), "kernel", None)
 
 
 def _create_subshell(kernel: Any) -> str | None:
