@@ -114,6 +114,15 @@ class Run:
     def accepts_retries(self) -> bool:
         return not (self.cancelled or self.finishing)
 
+    def count(self, status: str, n: int) -> None:
+        """Add ``n`` records of ``status`` to the counters the views show."""
+        self.in_flight -= n
+        self.done += n
+        if status == "cancelled":
+            self.cancelled_tasks += n
+        elif status != "ok":
+            self.failed += n
+
     def room(self) -> int:
         """How many more inputs may be taken without passing ``max_pending``."""
         return self.max_pending - self.in_flight - self.sink.buffered()
@@ -285,7 +294,7 @@ class Dispatcher:
             stopped.append(entry[3])
         heapq.heapify(self._retries)
         for task in stopped:
-            self._complete(run, task, status, None, failure, None, None, None, None)
+            self._complete(run, task, status, None, failure)
         if run.total is not None and not run.exhausted and run.total > run.next_index:
             # a sized input is cheap to walk: its remaining items get records too
             rest = run.take(run.total - run.next_index)
@@ -371,15 +380,7 @@ class Dispatcher:
                 if batch.resolve(position):
                     if batch.run.cancelled:
                         self._complete(
-                            batch.run,
-                            batch.task(position),
-                            "cancelled",
-                            None,
-                            CANCELLED,
-                            None,
-                            None,
-                            None,
-                            None,
+                            batch.run, batch.task(position), "cancelled", None, CANCELLED
                         )
                     else:
                         self._requeued.append((batch.run, batch.task(position)))
@@ -409,16 +410,13 @@ class Dispatcher:
         status: str,
         value: Any,
         failure: Failure | None,
-        worker: str | None,
-        pid: int | None,
-        started: float | None,
-        finished: float | None,
+        worker: str | None = None,
+        pid: int | None = None,
+        started: float | None = None,
+        finished: float | None = None,
     ) -> None:
         """Make one task's record (see ``_complete_many``)."""
-        run.in_flight -= 1
-        run.done += 1
-        run.failed += status not in ("ok", "cancelled")
-        run.cancelled_tasks += status == "cancelled"
+        run.count(status, 1)
         run.sink.put(Finished(task, status, value, failure, worker, pid, started, finished))
 
     def _complete_many(
@@ -439,10 +437,7 @@ class Dispatcher:
         With ``_complete``, the only places records are made.
         """
         count = len(batch.items) - start if values is None else len(values)
-        run.in_flight -= count
-        run.done += count
-        run.failed += count if status not in ("ok", "cancelled") else 0
-        run.cancelled_tasks += count if status == "cancelled" else 0
+        run.count(status, count)
         tried = 1 if status == "ok" else 0
         run.sink.put_many(
             FinishedBatch(
