@@ -49,8 +49,12 @@ def shared_multiprocessing_helpers():
     import multiprocessing
     from multiprocessing import forkserver
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["cellpool.worker"])
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["cellpool.worker"])
     forkserver.ensure_running()
+    # Workers' shared memory comes from multiprocessing's heap, whose first arena (an fd)
+    # stays for the interpreter's life once made.
+    context.RawArray("d", 8)
 
 
 def execute_cells(sources: list[str]) -> list[list[dict]]:

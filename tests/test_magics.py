@@ -116,7 +116,7 @@ def test_background_stores_a_job_and_returns_at_once(shell):
         ("%%parallel x range(3)", "expected 'TARGET in ITERABLE [options]'"),
         ("%%parallel x in range(3) --colour red", "unrecognized arguments: --colour red"),
         ("%%parallel x in range(3) -w zero", "invalid int value: 'zero'"),
-        ("%%parallel x in range(3) -w 0", "workers must be a positive integer"),
+        ("%%parallel x in range(3) -w 0", "workers must be an integer >= 1"),
         ("%%parallel x in range(3) -k gpu", "invalid choice: 'gpu'"),
         ("%%parallel x in range(3) --timeout", "expected one argument"),
     ],

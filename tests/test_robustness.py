@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import BrokenExecutor
 
 import pytest
 
@@ -56,14 +57,15 @@ def test_an_argument_the_worker_cannot_unpickle_is_an_error_record():
     assert "cannot rebuild here" in results[1].error
 
 
-def test_a_failing_initializer_on_threads_makes_error_records():
+def test_a_failing_initializer_on_threads_breaks_the_pool():
     def broken_init():
         raise RuntimeError("init failed")
 
-    with Executor("thread", 2, initializer=broken_init, progress="none") as ex:
-        results = ex.run(abs, [-1, -2, -3])
-    assert {r.error_type for r in results} == {"InitializerError"}
-    assert "init failed" in results[0].error
+    with (
+        Executor("thread", 2, initializer=broken_init, progress="none") as ex,
+        pytest.raises(BrokenExecutor, match="init failed"),  # from submit, or its future
+    ):
+        ex.submit(abs, -1).result(timeout=30)
 
 
 def test_a_map_iterator_dropped_unread_does_not_hold_up_shutdown():

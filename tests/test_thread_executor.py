@@ -264,7 +264,7 @@ def test_interrupt_stops_the_run_and_propagates():
 @pytest.mark.parametrize(
     ("call", "error", "words"),
     [
-        (lambda: Executor(workers=0), ValueError, "workers must be a positive integer"),
+        (lambda: Executor(workers=0), ValueError, "workers must be an integer >= 1"),
         (lambda: Executor("gpu"), ValueError, "kind must be one of"),
         (lambda: Executor(retries=-1), ValueError, "retries"),
         (lambda: Executor(timeout=0), ValueError, "timeout"),

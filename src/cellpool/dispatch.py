@@ -1,161 +1,73 @@
 """The dispatcher: one thread per executor that owns every scheduling decision.
 
-It pulls inputs lazily from each run (never more than the run's window ahead of what
-has been consumed), groups them into batches sized from measured task times, hands
-batches to the pool, turns outcomes into records, retries with backoff, enforces
-timeouts and cancels. Pools and callers talk to it only through ``post``; its state is
-touched by no other thread, so it needs no locks.
+Threads of an executor, and what each owns::
+
+    caller threads    Executor, Job     post events; read snapshots and run counters
+    dispatcher        this module       runs, batches, retries, stop orders, records
+    feeder (per run)  feeder.py         iterating the run's input (user code)
+    delivery          delivery.py       completing futures (user callbacks)
+    pool threads      pool/*.py         running tasks (threads), or the process pool's
+                                        reader (pipes, reaping) and senders (pickling,
+                                        pipe writes); they post facts, decide nothing
+    monitor           monitor.py        psutil samples of the rows the dispatcher publishes
+
+Event flow::
+
+    submit/run/map --AddRun--> dispatcher --send--> pool --> workers
+    feeder --InputArrived-->       |   <--Completed/WorkerReady/WorkerGone/PoolBroken--
+    cancel/shutdown/gc/exit -->    |--records--> sink --futures--> delivery threads
+
+The dispatcher never blocks on anything but its own event queue, and never runs user
+code: it does not iterate inputs, pickle, write to pipes or complete futures. Timeouts
+are its alone to enforce, on the monotonic clock, for every kind of pool: it orders a
+stop and, when the pool reports the worker gone, gives the task its record.
 """
 
 from __future__ import annotations
 
+import enum
 import heapq
-import inspect
 import itertools
 import queue
 import random
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple
 
 from .admission import Admission
-from .errors import TaskCancelled, TaskTimeout, WorkerCrashed
-from .pool.base import Completed, Pool, WorkerLost
+from .delivery import Deliveries
+from .errors import BrokenPool, TaskTimeout, WorkerCrashed
+from .monitor import Monitor
+from .pool.base import Completed, Phase, Pool, PoolBroken, WorkerGone, WorkerReady
 from .results import Failure
+from .runs import Run, RunState, StopMode
 from .sinks import Finished, FinishedBatch
 from .tasks import Batch, Task
 
 BACKOFF_BASE = 0.1  # first retry after about this long, doubling per attempt
 BACKOFF_CAP = 30.0
 TICK = 0.1  # how often timeouts are checked while tasks run
+PUBLISH_SECONDS = 0.05  # the workers' rows are published at most this often while busy
+START_FAILURES = 3  # workers in a row that die before they are ready: the pool is broken
 
 CANCELLED = Failure("TaskCancelled", "the task was cancelled before it finished")
 
-_STATUS_ERRORS: dict[str, type[BaseException]] = {
-    "timeout": TaskTimeout,
-    "crashed": WorkerCrashed,
-    "cancelled": TaskCancelled,
-}
+_RETRYABLE: dict[str, type[BaseException]] = {"timeout": TaskTimeout, "crashed": WorkerCrashed}
 
 
-class Sink(Protocol):
-    """Where a run's records go: a Results, an ordered value stream, or a Future."""
-
-    def put(self, done: Finished) -> None: ...
-
-    def put_many(self, done: FinishedBatch) -> None: ...
-
-    def buffered(self) -> int: ...
-
-    def finish(self, run: Run) -> None: ...
+class DispatcherState(enum.Enum):
+    SERVING = "serving"  # takes new runs
+    CLOSING = "closing"  # takes no new run; the runs it has finish
+    STOPPING = "stopping"  # every run has ended; the pool's workers are stopping
+    STOPPED = "stopped"  # the pool is closed and the thread has ended
 
 
-_run_serials = itertools.count(1)
-
-
-class Run:
-    """One stream of tasks: a ``run``, ``start`` or ``map`` call, or one ``submit``.
-
-    ``star`` means each item is a tuple of arguments (several iterables, or ``submit``).
-    """
-
-    def __init__(
-        self,
-        fn: Callable[..., Any],
-        items: Iterator[Any],
-        star: bool,
-        total: int | None,
-        sink: Sink,
-        *,
-        timeout: float | None,
-        retries: int,
-        retry_on: tuple[type[BaseException], ...],
-        max_pending: int,
-        concurrency: int = 1,
-    ) -> None:
-        self.serial = next(_run_serials)
-        # async def tasks run a batch at a time on a worker's event loop: the batch is
-        # as large as the coroutines each worker keeps in flight
-        self.is_async = inspect.iscoroutinefunction(fn)
-        self.concurrency = concurrency
-        self.fn = fn
-        self.items = self._guarded(items)
-        self.star = star
-        self.total = total
-        self.sink = sink
-        self.timeout = timeout
-        self.retries = retries
-        self.retry_on = retry_on
-        self.max_pending = max_pending
-        self.next_index = 0
-        self.in_flight = 0  # taken from the input and not yet recorded
-        self.starved = False  # no room left: a consumer of map() must wake the dispatcher
-        self.exhausted = False
-        self.cancelled = False  # read by worker threads to skip the rest of a batch
-        self.finishing = False  # stopped, but what workers already hold runs to its end
-        self.input_error: BaseException | None = None
-        self.done = 0
-        self.failed = 0  # recorded as error, timeout or crashed
-        self.cancelled_tasks = 0
-        self.item_seconds: float | None = None
-        self.created = time.monotonic()
-        self.finished = threading.Event()
-
-    def _guarded(self, items: Iterator[Any]) -> Iterator[Any]:
-        """The input, ending early (and noting why) if iterating it raises."""
-        try:
-            yield from items
-        except BaseException as exc:  # even SystemExit: it is the input's, not ours
-            self.input_error = exc
-
-    def accepts_retries(self) -> bool:
-        return not (self.cancelled or self.finishing)
-
-    def count(self, status: str, n: int) -> None:
-        """Add ``n`` records of ``status`` to the counters the views show."""
-        self.in_flight -= n
-        self.done += n
-        if status == "cancelled":
-            self.cancelled_tasks += n
-        elif status != "ok":
-            self.failed += n
-
-    def room(self) -> int:
-        """How many more inputs may be taken without passing ``max_pending``."""
-        return self.max_pending - self.in_flight - self.sink.buffered()
-
-    def observe(self, started: float, finished: float, count: int) -> None:
-        """Fold the measured time per task into a moving average."""
-        seconds = (finished - started) / count
-        if self.item_seconds is None:
-            self.item_seconds = seconds
-        else:
-            self.item_seconds = 0.8 * self.item_seconds + 0.2 * seconds
-
-    def batch_size(self, workers: int, target_seconds: float) -> int:
-        if self.is_async:
-            return max(1, min(self.concurrency, self.max_pending // (2 * workers)))
-        if self.item_seconds is None:
-            return 1  # measure before batching
-        # A batch holds about target_seconds of work, so the last ones leave workers idle
-        # for no longer than that: no need to shrink them near the end.
-        size = int(target_seconds / max(self.item_seconds, 1e-7))
-        return max(1, min(size, self.max_pending // (2 * workers)))
-
-    def take(self, count: int) -> Batch | None:
-        """A fresh batch of up to ``count`` inputs, or ``None`` if the input has ended."""
-        items = list(itertools.islice(self.items, count))
-        if len(items) < count:
-            self.exhausted = True
-        if not items:
-            return None
-        first = self.next_index
-        self.next_index += len(items)
-        self.in_flight += len(items)
-        return Batch(self, range(first, self.next_index), items)
+# -- events ----------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -165,26 +77,34 @@ class AddRun:
 
 @dataclass(slots=True)
 class CancelRun:
-    """Stop a run. What happens to its running tasks is ``running``:
-
-    ``"kill"`` stops them (a process is killed; a thread cannot be and runs on, its
-    outcome ignored), ``"drop"`` records them cancelled and ignores their outcome,
-    ``"finish"`` lets them finish and records their outcome.
-    """
-
     run: Run
-    running: str
+    mode: StopMode
 
 
 @dataclass(slots=True)
 class Wake:
-    """Something changed that may free room: a consumer took values."""
+    """Something changed that the dispatcher should look at: input arrived, a consumer
+    took values."""
 
 
 @dataclass(slots=True)
 class Shutdown:
+    """Take no new runs; finish (or with ``cancel_futures``, cancel) the ones there are.
+
+    ``abandoned`` is set when nobody will wait: the executor was collected, or the
+    interpreter is exiting."""
+
     cancel_futures: bool
+    abandoned: bool = False
     handled: threading.Event = field(default_factory=threading.Event)
+
+
+class StopOrder(NamedTuple):
+    """Why the dispatcher stopped a worker, and for which task (``None``: all it runs)."""
+
+    status: str
+    reason: str
+    task: tuple[int, int] | None
 
 
 def backoff(attempt: int) -> float:
@@ -193,35 +113,94 @@ def backoff(attempt: int) -> float:
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
-class Dispatcher:
-    """Feeds ``pool`` from the runs posted to it; see the module docstring."""
+def _cancel_future(future: Future[Any]) -> None:
+    """Cancel a submit's future that never started, and wake its waiters (runs on a
+    delivery thread: ``cancel`` runs the future's callbacks)."""
+    if future.cancel():
+        future.set_running_or_notify_cancel()
 
-    def __init__(self, pool: Pool, workers: int, admission: Admission) -> None:
-        self.pool = pool
+
+# -- lifetime --------------------------------------------------------------------------
+
+_live: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
+_exiting = False
+
+
+def interpreter_exiting() -> bool:
+    return _exiting
+
+
+def _at_exit() -> None:
+    """As the standard library's executors: at exit, submitted work finishes, then
+    every pool shuts down, before ``multiprocessing`` reaps what is left."""
+    global _exiting
+    _exiting = True
+    dispatchers = list(_live)
+    for dispatcher in dispatchers:
+        dispatcher.post(Shutdown(cancel_futures=False, abandoned=True))
+    for dispatcher in dispatchers:
+        if dispatcher.thread.is_alive():
+            dispatcher.thread.join()
+
+
+threading._register_atexit(_at_exit)  # type: ignore[attr-defined]  # as concurrent.futures
+
+
+class Dispatcher:
+    """Feeds a pool from the runs posted to it; see the module docstring.
+
+    Created before the pool, so that the pool's threads can post from the start;
+    ``start(pool)`` starts its thread.
+    """
+
+    def __init__(self, workers: int, admission: Admission, init_timeout: float | None) -> None:
         self.workers = workers
         self.admission = admission
+        self.init_timeout = init_timeout  # how long a worker may take to start
+        self.deliveries = Deliveries()
+        self.state = DispatcherState.SERVING
+        self.broken: BrokenPool | None = None  # why the pool can run nothing more
+        self.failure: RuntimeError | None = None  # set if this thread died of a bug
+        self.rows: list[dict[str, Any]] = []  # the workers' rows, published for readers
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._pool: Pool | None = None
+        self._monitor: Monitor | None = None
+        self.owner: weakref.ref[Any] | None = None  # the executor, held weakly
         self._runs: list[Run] = []
         self._batches: dict[int, Batch] = {}
         self._requeued: deque[tuple[Run, Task]] = deque()
         self._retries: list[tuple[float, int, Run, Task]] = []
         self._retry_order = itertools.count()
-        self._closing = False
-        self.failure: RuntimeError | None = None  # set if this thread died of a bug
+        self._stops: dict[str, StopOrder] = {}
+        self._start_failures = 0
+        self._published = 0.0
+        self._shutdowns: list[Shutdown] = []
         self._handlers: dict[type, Callable[[Any], None]] = {
             AddRun: self._add_run,
-            CancelRun: self._cancel_run,
+            CancelRun: lambda event: self._cancel(event.run, event.mode),
             Completed: self._completed,
-            WorkerLost: self._worker_lost,
+            WorkerReady: self._worker_ready,
+            WorkerGone: self._worker_gone,
+            PoolBroken: lambda event: self._break(event.reason),
             Wake: lambda event: None,
             Shutdown: self._shutdown,
         }
         self.thread = threading.Thread(target=self._loop, name="cellpool-dispatcher", daemon=True)
+
+    def start(self, pool: Pool, monitor: Monitor) -> None:
+        self._pool = pool
+        self._monitor = monitor
+        _live.add(self)
         self.thread.start()
 
     def post(self, event: Any) -> None:
-        """Hand an event to the dispatcher thread (safe from any thread)."""
+        """Hand an event to the dispatcher thread (safe from any thread, never blocks)."""
         self._events.put(event)
+
+    @property
+    def pool(self) -> Pool:
+        assert self._pool is not None
+        return self._pool
 
     # -- the loop ------------------------------------------------------------------
 
@@ -233,74 +212,118 @@ class Dispatcher:
             self.failure = RuntimeError(f"cellpool's dispatcher failed: {exc!r}")
             for run in self._runs:
                 run.input_error = self.failure
-                run.sink.finish(run)
-                run.finished.set()
-            self.pool.shutdown(wait=False)
+                self._end(run)
+            self.pool.close(cancel_running=True)
+            self.pool.abandon()
             raise
+        finally:
+            self.state = DispatcherState.STOPPED
+            for event in self._shutdowns:
+                event.handled.set()
+            self.deliveries.close()
+            if self._monitor is not None:
+                self._monitor.stop(wait=False)
 
     def _serve(self) -> None:
         while True:
             try:
                 event = self._events.get(timeout=self._wait())
                 while True:
-                    self._handlers[type(event)](event)
+                    handler = self._handlers.get(type(event))
+                    if handler is not None:
+                        handler(event)
+                    else:  # an event of the pool's own threads: the pool says what it means
+                        for fact in self.pool.handle(event):
+                            self._handlers[type(fact)](fact)
                     event = self._events.get_nowait()
             except queue.Empty:
                 pass
+            self.pool.tick()
             self._expire()
             self._fill()
-            self._check_blocked()
             self._finish_runs()
-            if self._closing and not self._runs:
-                self.pool.shutdown(wait=True)
+            self._check_blocked()
+            self._publish()
+            if self.state is DispatcherState.CLOSING and not self._runs:
+                self.state = DispatcherState.STOPPING
+                self.pool.close(cancel_running=False)
+                if any(event.abandoned for event in self._shutdowns):
+                    self.pool.abandon()
+            if self.state is DispatcherState.STOPPING and self.pool.closed():
+                self._publish(force=True)
                 return
 
     def _wait(self) -> float | None:
         """Block on the next event, but wake for timeouts and due retries."""
         if self._retries:
             return max(0.0, min(TICK, self._retries[0][0] - time.monotonic()))
-        return TICK if self._runs else None
+        idle = not self._runs and self.state is DispatcherState.SERVING
+        return None if idle and not self.pool.starting() else TICK
+
+    def _publish(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or not self._runs or now - self._published >= PUBLISH_SECONDS:
+            self.rows = self.pool.workers_info()
+            self._published = now
 
     # -- events --------------------------------------------------------------------
 
     def _add_run(self, event: AddRun) -> None:
-        self._runs.append(event.run)
+        run = event.run
+        if self.broken is not None:
+            self._runs.append(run)
+            self._break_run(run)
+            return
+        self._runs.append(run)
+        run.grant()
 
-    def _cancel_run(self, event: CancelRun) -> None:
-        self._stop_run(event.run, event.running, "cancelled", CANCELLED)
+    def _shutdown(self, event: Shutdown) -> None:
+        self._shutdowns.append(event)
+        if self.state is DispatcherState.SERVING:
+            self.state = DispatcherState.CLOSING
+        if event.cancel_futures:
+            for run in list(self._runs):
+                self._cancel(run, StopMode.FINISH)
+        event.handled.set()
 
-    def _stop_run(self, run: Run, running_tasks: str, status: str, failure: Failure) -> None:
-        """End a run early: every task not finished gets ``status`` (see ``CancelRun``)."""
-        if run not in self._runs:
-            return  # already finished
-        stopped: list[Task] = []
-        if running_tasks == "finish":
-            run.finishing = True  # what workers hold finishes and is recorded as it ends
+    def _cancel(self, run: Run, mode: StopMode) -> None:
+        """End a run early: what has not started is recorded cancelled (see StopMode)."""
+        if run.state in (RunState.CANCELLED, RunState.DONE):
+            return
+        started_cancel = run.state is RunState.ACTIVE
+        run.leftover = ("cancelled", CANCELLED)
+        if run.sized:
+            run.input.drain()  # every item of a sized input gets its record
         else:
-            run.cancelled = True  # set first: a worker thread checks it before each task
-            if running_tasks == "kill":
-                for busy in self.pool.running():
-                    if busy.batch.run is run:
-                        task = (busy.batch.seq, busy.position)
-                        self.pool.stop(busy.worker, status, failure.error or status, task)
+            run.input.stop()
+        if mode is StopMode.FINISH:
+            run.state = RunState.FINISHING
+        else:
+            run.state = RunState.CANCELLED  # set first: worker threads check it per task
+            stopped: list[Task] = []
             for batch in [b for b in self._batches.values() if b.run is run]:
                 stopped += [batch.task(p) for p in range(len(batch.items)) if batch.resolve(p)]
                 self._close(batch)
-        for entry in [e for e in self._requeued if e[0] is run]:
-            self._requeued.remove(entry)
-            stopped.append(entry[1])
-        for entry in [e for e in self._retries if e[2] is run]:
-            self._retries.remove(entry)
-            stopped.append(entry[3])
+            if mode is StopMode.KILL:
+                for busy in self.pool.running():
+                    if busy.batch.run is run and busy.worker not in self._stops:
+                        task = (busy.batch.seq, busy.position)
+                        self._stop_worker(busy.worker, "cancelled", "the run was cancelled", task)
+            for task in stopped:
+                self._complete(run, task, "cancelled", None, CANCELLED)
+        self._drop_waiting(run, "cancelled", CANCELLED)
+        if started_cancel and run.future is not None and run.next_index == 0:
+            self.deliveries.put(_cancel_future, run.future)
+
+    def _drop_waiting(self, run: Run, status: str, failure: Failure) -> None:
+        """Record the run's tasks waiting for a retry or another worker as ``status``."""
+        waiting = [task for r, task in self._requeued if r is run]
+        waiting += [entry[3] for entry in self._retries if entry[2] is run]
+        self._requeued = deque(e for e in self._requeued if e[0] is not run)
+        self._retries = [e for e in self._retries if e[2] is not run]
         heapq.heapify(self._retries)
-        for task in stopped:
+        for task in waiting:
             self._complete(run, task, status, None, failure)
-        if run.total is not None and not run.exhausted and run.total > run.next_index:
-            # a sized input is cheap to walk: its remaining items get records too
-            rest = run.take(run.total - run.next_index)
-            if rest is not None:
-                self._complete_many(run, rest, 0, status, None, failure, None, None)
-        run.exhausted = True
 
     def _completed(self, event: Completed) -> None:
         self.pool.settle(event)
@@ -312,17 +335,9 @@ class Dispatcher:
             if not out.failures and batch.attempts is None:
                 batch.resolve_range(start, count)
                 self._complete_many(
-                    run,
-                    batch,
-                    start,
-                    "ok",
-                    out.values,
-                    None,
-                    out.started,
-                    out.finished,
-                    event.worker,
-                    event.pid,
-                )
+                    run, batch, start, "ok", out.values, None, out.started, out.finished,
+                    event.worker, event.pid,
+                )  # fmt: skip
             else:
                 self._completed_one_by_one(event)
         if batch.unresolved == 0:
@@ -351,47 +366,90 @@ class Dispatcher:
                     run, task, status, None, failure, event.worker, event.pid, started, finished
                 )
 
-    def _worker_lost(self, event: WorkerLost) -> None:
-        self.pool.settle(event)
-        for batch, position in event.culprits:
-            if batch.resolve(position):
-                run = batch.run
-                task = batch.task(position)
-                task = task._replace(attempts=task.attempts + 1)
-                error = _STATUS_ERRORS[event.status]
-                retry = event.status != "cancelled" and issubclass(error, run.retry_on)
-                if retry and task.attempts <= run.retries and run.accepts_retries():
-                    self._retry(run, task)
-                else:
-                    failure = Failure(error.__name__, event.reason)
-                    self._complete(
-                        run,
-                        task,
-                        event.status,
-                        None,
-                        failure,
-                        event.worker,
-                        event.pid,
-                        None,
-                        time.time(),
-                    )
-        for batch, first in event.unfinished:
+    def _worker_ready(self, event: WorkerReady) -> None:
+        self._start_failures = 0
+
+    def _worker_gone(self, gone: WorkerGone) -> None:
+        """One place decides what the tasks of a worker that stopped get."""
+        order = self._stops.pop(gone.worker, None)
+        self.pool.settle(gone)
+        if not gone.ready:
+            self._start_failures += 1
+            reason = order.reason if order is not None else gone.reason
+            if self._start_failures >= START_FAILURES:
+                self._break(f"{START_FAILURES} workers in a row failed to start: {reason}")
+        for batch, position in gone.running:
+            task_id = (batch.seq, position)
+            if order is None:
+                self._culprit(batch, position, "crashed", gone.reason, gone)
+            elif order.task is None or order.task == task_id:
+                self._culprit(batch, position, order.status, order.reason, gone)
+            elif batch.resolve(position):  # killed for another task: run it again elsewhere
+                self._requeued.append((batch.run, batch.task(position)))
+        if gone.batch_phase is not None and order is None:
+            self._died_outside_a_task(gone, *gone.batch_phase)
+        for batch, first in gone.unreported:
             for position in range(first, len(batch.items)):
                 if batch.resolve(position):
-                    if batch.run.cancelled:
-                        self._complete(
-                            batch.run, batch.task(position), "cancelled", None, CANCELLED
-                        )
-                    else:
-                        self._requeued.append((batch.run, batch.task(position)))
+                    self._requeued.append((batch.run, batch.task(position)))
             self._close(batch)
 
-    def _shutdown(self, event: Shutdown) -> None:
-        self._closing = True
-        if event.cancel_futures:
-            for run in list(self._runs):
-                self._cancel_run(CancelRun(run, running="finish"))
-        event.handled.set()
+    def _died_outside_a_task(self, gone: WorkerGone, batch: Batch, phase: Phase) -> None:
+        """A worker died loading or sending ``batch``. Loading the function: every task
+        of the batch is to blame. Otherwise only one of them may be: a batch of one gets
+        the record, a larger one is split and each task sent alone."""
+        waiting = [p for p in range(len(batch.items)) if not batch.resolved[p]]
+        doing = {
+            Phase.LOADING_FUNCTION: "loading the function",
+            Phase.LOADING_ARGUMENTS: "loading the task's arguments",
+            Phase.SENDING: "sending the task's result",
+        }.get(phase, phase.name.lower())
+        reason = f"{gone.reason} while {doing}"
+        if phase is Phase.LOADING_FUNCTION or len(waiting) == 1:
+            for position in waiting:
+                self._culprit(batch, position, "crashed", reason, gone)
+        else:
+            for position in waiting:
+                batch.resolve(position)
+                self._requeued.append((batch.run, batch.task(position)))
+            self._close(batch)
+
+    def _culprit(self, batch: Batch, position: int, status: str, reason: str, gone: WorkerGone):
+        """Give the task the worker was stopped for (or died running) its record."""
+        if not batch.resolve(position):
+            return
+        run = batch.run
+        task = batch.task(position)
+        task = task._replace(attempts=task.attempts + 1)
+        error = _RETRYABLE.get(status)
+        retry = error is not None and issubclass(error, run.retry_on)
+        if retry and task.attempts <= run.retries and run.accepts_retries():
+            self._retry(run, task)
+            return
+        name = error.__name__ if error is not None else "TaskCancelled"
+        failure = CANCELLED if status == "cancelled" else Failure(name, reason)
+        self._complete(run, task, status, None, failure, gone.worker, gone.pid, None, time.time())
+
+    def _break(self, reason: str) -> None:
+        """The pool can run nothing more: every run ends, its tasks recorded crashed."""
+        if self.broken is not None:
+            return
+        self.broken = BrokenPool(f"the pool is broken: {reason}")
+        for run in list(self._runs):
+            self._break_run(run)
+
+    def _break_run(self, run: Run) -> None:
+        assert self.broken is not None
+        failure = Failure(type(self.broken).__name__, str(self.broken), None, self.broken)
+        run.state = RunState.CANCELLED
+        run.leftover = ("crashed", failure)
+        run.input.stop()
+        for batch in [b for b in self._batches.values() if b.run is run]:
+            for position in range(len(batch.items)):
+                if batch.resolve(position):
+                    self._complete(run, batch.task(position), "crashed", None, failure)
+            self._close(batch)
+        self._drop_waiting(run, "crashed", failure)
 
     # -- helpers -------------------------------------------------------------------
 
@@ -402,6 +460,12 @@ class Dispatcher:
     def _retry(self, run: Run, task: Task) -> None:
         due = time.monotonic() + backoff(task.attempts)
         heapq.heappush(self._retries, (due, next(self._retry_order), run, task))
+
+    def _stop_worker(self, worker: str, status: str, reason: str, task: tuple[int, int] | None):
+        """Have the pool stop ``worker``; its ``WorkerGone`` then records ``task`` (or,
+        with ``None``, every task it runs) as ``status``."""
+        if self.pool.stop(worker, reason, task):
+            self._stops[worker] = StopOrder(status, reason, task)
 
     def _complete(
         self,
@@ -455,23 +519,27 @@ class Dispatcher:
         )
 
     def _expire(self) -> None:
-        self.pool.tick()
-        now = time.time()
+        """Order a stop for each task past its run's timeout, and for each worker whose
+        start (its initializer) has taken longer than the executor's timeout."""
+        now = time.monotonic()
         for busy in self.pool.running():
             timeout = busy.batch.run.timeout
-            if busy.batch.run.is_async:
-                continue  # its event loop enforces the timeout of each task
-            if timeout is not None and not busy.batch.closed and now - busy.started > timeout:
+            if busy.worker in self._stops or busy.batch.closed or timeout is None:
+                continue
+            if now - busy.started > timeout:
                 reason = f"the task ran past its {timeout:g} s timeout"
-                self.pool.stop(busy.worker, "timeout", reason, (busy.batch.seq, busy.position))
+                self._stop_worker(busy.worker, "timeout", reason, (busy.batch.seq, busy.position))
+        if self.init_timeout is None:
+            return
+        for worker, since in self.pool.starting():
+            if worker not in self._stops and now - since > self.init_timeout:
+                reason = f"the initializer ran past the {self.init_timeout:g} s timeout"
+                self._stop_worker(worker, "crashed", reason, None)
 
     def _fill(self) -> None:
-        if self.pool.broken is not None:
-            failure = Failure(WorkerCrashed.__name__, self.pool.broken)
-            for run in list(self._runs):
-                self._stop_run(run, "drop", "crashed", failure)
+        if self.broken is not None:
             return
-        while self.pool.capacity() > 0:
+        while True:
             batch = self._next_batch()
             if batch is None:
                 return
@@ -481,35 +549,60 @@ class Dispatcher:
     def _check_blocked(self) -> None:
         """Tell admission whether waiting work has nowhere to go (it warns if it lasts)."""
         waiting = bool(self._requeued or self._retries) or any(
-            not run.exhausted and run.room() > 0 for run in self._runs
+            run.input.buffered() for run in self._runs if run.state is RunState.ACTIVE
         )
         blocked = waiting and self.pool.capacity() == 0
         self.admission.blocked(self.pool.pause_reasons() if blocked else [], waiting)
 
     def _next_batch(self) -> Batch | None:
         if self._requeued:
+            if self.pool.capacity() <= 0:
+                return None
             run, task = self._requeued.popleft()
             return Batch.of(run, task)
         if self._retries and self._retries[0][0] <= time.monotonic():
+            if self.pool.capacity() <= 0:
+                return None
             _, _, run, task = heapq.heappop(self._retries)
             return Batch.of(run, task)
         for run in self._runs:  # first come, first served, as concurrent.futures users expect
-            if run.exhausted or run.cancelled:
+            if run.state is not RunState.ACTIVE:
                 continue
-            count = min(run.batch_size(self.workers, self.pool.batch_seconds), run.room())
-            run.starved = count <= 0
+            if self.pool.capacity(prefetch=run.future is None) <= 0:
+                return None  # a later run may not overtake this one
+            if (
+                run.future is not None
+                and run.next_index == 0
+                and not run.future.set_running_or_notify_cancel()
+            ):
+                run.future = None  # its caller cancelled it, and its waiters were just woken
+                self._cancel(run, StopMode.DROP)
+                continue
+            count = run.batch_size(self.workers, self.pool.batch_seconds)
             limit = self.pool.batch_limit()
             if limit is not None:
                 count = min(count, limit)
-            if count <= 0:
-                continue
-            batch = run.take(count)
+            batch = run.take(max(count, 1))
             if batch is not None:
                 return batch
         return None
 
     def _finish_runs(self) -> None:
-        for run in [r for r in self._runs if r.exhausted and r.in_flight == 0]:
+        for run in self._runs:
+            if run.leftover is not None:  # stopped: what it read and never dispatched
+                rest = run.take(1 << 20)
+                if rest is not None:
+                    status, failure = run.leftover
+                    self._complete_many(run, rest, 0, status, None, failure, None, None)
+            else:
+                run.grant()
+        for run in [r for r in self._runs if r.in_flight == 0 and r.input_ended()]:
+            self._end(run)
+
+    def _end(self, run: Run) -> None:
+        if run in self._runs:
             self._runs.remove(run)
-            run.sink.finish(run)
-            run.finished.set()
+        run.input.stop()
+        run.state = RunState.DONE
+        run.sink.finish(run)
+        run.finished.set()

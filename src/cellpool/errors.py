@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import BrokenExecutor
+
 
 class TaskTimeout(TimeoutError):
     """A task ran past the executor's ``timeout``."""
@@ -26,3 +28,22 @@ class RemoteError(Exception):
         self.error_type = error_type
         self.message = message
         self.traceback = traceback
+
+
+class BrokenPool(BrokenExecutor):
+    """The pool can run nothing more: its initializer failed, or workers cannot start.
+
+    A ``concurrent.futures.BrokenExecutor``, as the standard library's pools raise.
+    """
+
+
+class RemoteTraceback(Exception):
+    """The traceback of a task's exception in the worker, as text: set as the
+    ``__cause__`` of the exception a future raises, as the standard library does."""
+
+    def __init__(self, traceback: str) -> None:
+        super().__init__(traceback)
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.traceback}"""'

@@ -12,13 +12,14 @@ from typing import Any
 
 from . import options as check
 from .admission import Admission, Limits
-from .dispatch import AddRun, CancelRun, Dispatcher, Run, Shutdown, Wake
+from .dispatch import AddRun, CancelRun, Dispatcher, Shutdown, Wake, interpreter_exiting
 from .monitor import Monitor
 from .pool.base import Pool
 from .pool.dask import DaskPool
 from .pool.process import ProcessPool
 from .pool.thread import ThreadPool
 from .results import Results
+from .runs import Run, StopMode
 from .sinks import FutureSink, OrderedSink, RecordSink
 from .view import View, make_view, no_events, normalize_progress
 
@@ -136,7 +137,7 @@ class Job:
         """
         if self.done():
             return False
-        self._executor._dispatcher.post(CancelRun(self._run, running="kill"))
+        self._executor._dispatcher.post(CancelRun(self._run, StopMode.KILL))
         return True
 
     def done(self) -> bool:
@@ -203,7 +204,8 @@ class Executor(futures.Executor):
             "retries": check.non_negative_int("retries", retries),
             "retry_on": check.exception_types(retry_on),
             "max_pending": check.positive_int(
-                "max_pending", max_pending or PENDING_PER_WORKER * self.workers
+                "max_pending",
+                PENDING_PER_WORKER * self.workers if max_pending is None else max_pending,
             ),
             "progress": normalize_progress(progress),
         }
@@ -218,7 +220,9 @@ class Executor(futures.Executor):
                 fd_pause=check.fraction("fd_pause", fd_pause),
             )
         )
-        self.concurrency = check.positive_int("concurrency", concurrency or DEFAULT_CONCURRENCY)
+        self.concurrency = check.positive_int(
+            "concurrency", DEFAULT_CONCURRENCY if concurrency is None else concurrency
+        )
         for name, given in {"address": address, "client": client}.items():
             if given is not None and self.kind != "dask":
                 raise ValueError(f"{name} applies to kind='dask' only")
@@ -238,14 +242,23 @@ class Executor(futures.Executor):
             check.callable_fn("initializer", initializer)
         if initializer is not None and self.kind == "dask":
             raise ValueError("initializer does not apply to kind='dask' (use a dask WorkerPlugin)")
+        # The dispatcher exists before the pool, whose threads post to it from the start.
+        self._dispatcher = Dispatcher(self.workers, self._admission, self._defaults["timeout"])
         self._pool = self._make_pool(
             initializer, tuple(initargs), start_method, max_tasks_per_worker, address, client
         )
         if isinstance(self._pool, DaskPool) and workers is None:
-            self.workers = self._pool.size  # the cluster's
-        self._monitor = Monitor(self._pool.workers_info)
+            self.workers = self._dispatcher.workers = self._pool.size  # the cluster's
+        dispatcher = self._dispatcher
+        dispatcher.rows = self._pool.workers_info()  # its thread, their owner, starts below
+        self._monitor = Monitor(lambda: dispatcher.rows)
         self._admission.monitor = self._monitor
-        self._dispatcher = Dispatcher(self._pool, self.workers, self._admission)
+        dispatcher.start(self._pool, self._monitor)
+        # A dropped executor is collected, and then shuts down as with shutdown(wait=False):
+        # nothing its threads hold refers back to it.
+        dispatcher.owner = weakref.ref(
+            self, lambda _, post=dispatcher.post: post(Shutdown(False, abandoned=True))
+        )
         self._shutdown_lock = threading.Lock()
         self._closed = False
 
@@ -258,12 +271,13 @@ class Executor(futures.Executor):
         address: str | None,
         client: Any,
     ) -> Pool:
+        post = self._dispatcher.post
         if self.kind == "thread":
-            return ThreadPool(self.workers, self._post, self._admission, initializer, initargs)
+            return ThreadPool(self.workers, post, self._admission, initializer, initargs)
         if self.kind == "process":
             return ProcessPool(
                 self.workers,
-                self._post,
+                post,
                 self._admission,
                 start_method=start_method,
                 initializer=initializer,
@@ -272,10 +286,7 @@ class Executor(futures.Executor):
                 threads_per_worker=self.threads_per_worker,
             )
         local_workers = self.workers if address is None and client is None else None
-        return DaskPool(local_workers, self._post, address, client)
-
-    def _post(self, event: Any) -> None:
-        self._dispatcher.post(event)
+        return DaskPool(local_workers, post, address, client)
 
     def _options(self, caller: str, opts: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(opts) - set(RUN_OPTIONS))
@@ -297,44 +308,52 @@ class Executor(futures.Executor):
 
     @staticmethod
     def _inputs(
-        caller: str, fn: Callable[..., Any], iterables: Iterable[Any]
+        caller: str, fn: Callable[..., Any], iterables: Iterable[Any], shortest: bool = False
     ) -> tuple[Iterator[Any], bool, int | None]:
         """The items (argument tuples when several iterables), whether they are
-        tuples to spread, and how many there are if known."""
+        tuples to spread, and how many there are if known. Iterables of different
+        lengths are an error, or with ``shortest`` (``map``) end at the shortest."""
         check.callable_fn(caller, fn)
-        its, total = check.iterators(caller, iterables)
+        its, total = check.iterators(caller, iterables, shortest)
         if len(its) == 1:
             return its[0], False, total
-        return zip(*its, strict=True), True, total
+        return zip(*its, strict=not shortest), True, total
 
     def _new_run(
         self,
         fn: Callable[..., Any],
-        inputs: tuple[Iterator[Any], bool, int | None],
+        inputs: tuple[Iterator[Any] | list[Any], bool, int | None],
         sink: Any,
         opts: dict[str, Any],
+        future: futures.Future[Any] | None = None,
     ) -> Run:
         items, star, total = inputs
+        dispatcher = self._dispatcher
         with self._shutdown_lock:
+            if interpreter_exiting():
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             if self._closed:
-                raise RuntimeError("cannot use the executor after shutdown")
-            if self._dispatcher.failure is not None:
-                raise self._dispatcher.failure
-            if self._pool.broken is not None:
-                raise RuntimeError(f"the executor is broken: {self._pool.broken}")
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if dispatcher.failure is not None:
+                raise dispatcher.failure
+            if dispatcher.broken is not None:
+                raise dispatcher.broken
             run = Run(
                 fn,
                 items,
                 star,
                 opts["total"] if total is None else total,
+                total is not None,
                 sink,
                 timeout=opts["timeout"],
                 retries=opts["retries"],
                 retry_on=opts["retry_on"],
                 max_pending=opts["max_pending"],
                 concurrency=self.concurrency,
+                future=future,
+                on_input=lambda: dispatcher.post(Wake()),
             )
-            self._dispatcher.post(AddRun(run))
+            dispatcher.post(AddRun(run))
         return run
 
     # -- concurrent.futures --------------------------------------------------------
@@ -345,10 +364,10 @@ class Executor(futures.Executor):
         future: futures.Future[Any] = futures.Future()
         call = functools.partial(fn, **kwargs) if kwargs else fn
         opts = self._options("submit", {})
-        run = self._new_run(call, (iter([args]), True, 1), FutureSink(future), opts)
-        future.add_done_callback(
-            lambda f: f.cancelled() and self._dispatcher.post(CancelRun(run, running="drop"))
-        )
+        sink = FutureSink(future, self._dispatcher.deliveries)
+        run = self._new_run(call, ([args], True, 1), sink, opts, future)
+        post = self._dispatcher.post
+        future.add_done_callback(lambda f: f.cancelled() and post(CancelRun(run, StopMode.DROP)))
         return future
 
     def map(
@@ -360,37 +379,18 @@ class Executor(futures.Executor):
     ) -> Iterator[Any]:
         """Values of ``fn`` over the inputs, in input order, as they become ready.
 
-        The input is read lazily: at most ``max_pending`` tasks are in flight or waiting
-        to be consumed. The first failure is raised when it is reached. ``chunksize`` is
-        accepted for compatibility; cellpool sizes its batches from measured task times.
+        The work starts at once, as the standard library's, and stops at the shortest
+        input. The input is read lazily: at most ``max_pending`` tasks are in flight or
+        waiting to be consumed. The first failure is raised when it is reached.
+        ``chunksize`` is checked and otherwise ignored: cellpool sizes its batches from
+        measured task times. An iterator dropped unread lets the work finish.
         """
-        inputs = self._inputs("map", fn, iterables)
+        check.chunksize(chunksize)
+        inputs = self._inputs("map", fn, iterables, shortest=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
         sink = OrderedSink()
         run = self._new_run(fn, inputs, sink, self._options("map", {}))
-        deadline = None if timeout is None else run.created + timeout
-        values = self._ordered_values(run, sink, deadline)
-        # Dropped before it was ever iterated, a generator runs no finally: cancel then.
-        weakref.finalize(values, self._dispatcher.post, CancelRun(run, running="drop"))
-        return values
-
-    def _ordered_values(
-        self, run: Run, sink: OrderedSink, deadline: float | None
-    ) -> Generator[Any, None, None]:
-        try:
-            while True:
-                try:
-                    ok, value = sink.next(deadline)
-                except StopIteration:
-                    return
-                if run.starved:  # the window was full: there is room again
-                    run.starved = False
-                    self._dispatcher.post(Wake())
-                if not ok:
-                    raise value
-                yield value
-        finally:
-            if not run.finished.is_set():
-                self._dispatcher.post(CancelRun(run, running="drop"))
+        return MapIterator(run, sink, deadline, self._dispatcher.post)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop the workers once the work submitted so far is done.
@@ -398,21 +398,22 @@ class Executor(futures.Executor):
         With ``cancel_futures``, tasks not yet started are cancelled. With ``wait``,
         return only when every worker thread and process is gone.
         """
+        dispatcher = self._dispatcher
         with self._shutdown_lock:
-            if not self._closed:
+            if not self._closed or cancel_futures:
                 self._closed = True
-                event = Shutdown(cancel_futures)
-                self._dispatcher.post(event)
-                # Pending work is cancelled before we return, unless we are the dispatcher
-                # (a future's callback calling shutdown) or it has died.
-                dispatcher = self._dispatcher.thread
-                while threading.current_thread() is not dispatcher and dispatcher.is_alive():
-                    if event.handled.wait(POLL):
-                        break
-                self._monitor.stop()
-        if wait and threading.current_thread() is not self._dispatcher.thread:
-            while self._dispatcher.thread.is_alive():  # timed: Ctrl-C gets through
-                self._dispatcher.thread.join(POLL)
+                dispatcher.post(Shutdown(cancel_futures))
+        if not wait:
+            return
+        me = threading.current_thread()
+        if self._pool.owns(me):
+            raise RuntimeError("cannot join current thread")
+        while dispatcher.thread.is_alive():  # timed: Ctrl-C gets through
+            dispatcher.thread.join(POLL)
+        for thread in dispatcher.deliveries.threads():
+            if thread is not me:
+                thread.join()
+        self._monitor.stop()
 
     # -- cellpool ------------------------------------------------------------------
 
@@ -435,7 +436,7 @@ class Executor(futures.Executor):
     ) -> Job:
         merged = self._options(caller, opts)
         inputs = self._inputs(caller, fn, iterables)
-        sink = RecordSink()
+        sink = RecordSink(self._dispatcher.deliveries)
         run = self._new_run(fn, inputs, sink, merged)
         name = getattr(fn, "__name__", type(fn).__name__)
         label = f"{name} [{self.kind} x{self.workers}]"
@@ -466,7 +467,69 @@ def run(
     workers: int | None = None,
     **opts: Any,
 ) -> Results:
-    """Run ``fn`` over the inputs on a temporary executor; see ``Executor.run``."""
+    """Run ``fn`` over the inputs on a temporary executor; see ``Executor.run``.
+
+    On Ctrl-C the executor is left to stop in the background: threads still running a
+    task cannot be killed, and waiting for them would delay the interrupt.
+    """
     run_opts = {name: opts.pop(name) for name in ("total",) if name in opts}
-    with Executor(kind, workers, **opts) as executor:
-        return executor.run(fn, *iterables, **run_opts)
+    executor = Executor(kind, workers, **opts)
+    try:
+        results = executor.run(fn, *iterables, **run_opts)
+    except BaseException:
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
+    executor.shutdown(wait=True)
+    return results
+
+
+class MapIterator(Iterator[Any]):
+    """The values of a ``map`` call, in input order.
+
+    Closing it (or dropping it after reading from it) cancels the tasks not started, as
+    the standard library's iterator does; dropping it unread lets the work finish and
+    keeps none of the values.
+    """
+
+    def __init__(
+        self, run: Run, sink: OrderedSink, deadline: float | None, post: Callable[[Any], None]
+    ) -> None:
+        self._run = run
+        self._sink = sink
+        self._deadline = deadline
+        self._post = post
+        self._read = [False]  # shared with the finalizer, which must not hold self
+        self._finalizer = weakref.finalize(self, _map_dropped, run, sink, post, self._read)
+
+    def __next__(self) -> Any:
+        self._read[0] = True
+        run = self._run
+        try:
+            ok, value = self._sink.next(self._deadline)
+        except StopIteration:
+            self._finalizer.detach()
+            raise
+        except BaseException:  # a timeout: stop, as the standard library's map does
+            self.close()
+            raise
+        if run.input.starved and self._sink.buffered() <= run.max_pending // 2:
+            self._post(Wake())  # the input waits for room, and there is some again
+        if not ok:
+            self.close()
+            raise value
+        return value
+
+    def close(self) -> None:
+        """Stop: tasks not started are cancelled; no more values come."""
+        self._read[0] = True
+        self._finalizer()
+
+
+def _map_dropped(run: Run, sink: OrderedSink, post: Callable[[Any], None], read: list) -> None:
+    if run.finished.is_set():
+        return
+    if read[0]:
+        post(CancelRun(run, StopMode.DROP))
+    else:
+        sink.discard()
+        post(Wake())

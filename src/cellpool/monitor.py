@@ -87,7 +87,9 @@ class Sampler:
             return {}
 
     def enrich(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """``rows`` with their figures; rows that bring their own (dask's) are kept as they are."""
+        """Copies of ``rows`` with their figures; rows that bring their own (dask's) are
+        kept as they are."""
+        rows = [dict(row) for row in rows]  # the published rows are never written to
         own = [row for row in rows if "rss" not in row]
         live = {row["pid"] for row in own if row["pid"] is not None}
         for pid in set(self._processes) - live:
@@ -141,6 +143,7 @@ class Monitor:
         while not self._stop.wait(SAMPLE_SECONDS):
             self.sample()
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
         self._stop.set()
-        self._thread.join()
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join()

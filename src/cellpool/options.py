@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
+import re
 from collections.abc import Iterable
+from decimal import ROUND_FLOOR, Decimal
 from typing import Any
 
 KINDS = ("thread", "process", "dask")
@@ -39,39 +43,80 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
+_SIZE = re.compile(r"\s*(\d+\.?\d*(?:e[+-]?\d+)?|\.\d+(?:e[+-]?\d+)?)\s*([a-z]*)\s*", re.I)
+MAX_BYTES = 2**63 - 1  # 8 EiB: beyond any machine, and what a C int64 holds
+_BYTES = "a whole number of bytes >= 1 or a size such as '512MB' or '2GiB'"
+
+
+def _real(name: str, value: Any, expected: str) -> int | float:
+    """``value`` as an int or a float; a TypeError naming ``name`` for anything else."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{name} must be {expected}; got {type(value).__name__} {value!r:.40}")
+
+
+def _whole_bytes(name: str, value: Any, expected: str) -> int:
+    """Bytes from an int, a float or a size string; a whole number from 1 to MAX_BYTES.
+
+    A plain number (or one in ``B``) must be whole; a size in a bigger unit is rounded
+    down to whole bytes (``"0.1GiB"`` is 107374182)."""
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value)
+        unit = match and _UNITS.get(match[2].lower())
+        if unit is None:
+            raise ValueError(f"{name} must be {expected}; got {value!r}")
+        number = Decimal(match[1])  # exact, and no overflow: "1e400" is just too large
+        if number <= MAX_BYTES:
+            number *= unit
+            if unit > 1:
+                number = number.to_integral_value(ROUND_FLOOR)
+    else:
+        number = _real(name, value, expected)
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ValueError(f"{name} must be {expected}; got {value!r}")
+    if number > MAX_BYTES:  # before int(): "1e999999999" must not build a huge int
+        raise ValueError(f"{name} must be at most {MAX_BYTES} bytes (8 EiB); got {value!r}")
+    if number < 1 or number != int(number):
+        raise ValueError(f"{name} must be {expected}; got {value!r}")
+    return int(number)
 
 
 def byte_size(name: str, value: Any) -> int | None:
-    """Bytes from an int or a string such as ``"512MB"`` or ``"2 GiB"``."""
+    """Bytes from an int or a string such as ``"512MB"`` or ``"2 GiB"`` (``None``: none)."""
     if value is None:
         return None
-    if isinstance(value, str):
-        number = value.strip().rstrip("bBiIkKmMgGtT ")
-        unit = value.strip()[len(number) :].strip().lower()
-        try:
-            value = float(number) * _UNITS[unit]
-        except (ValueError, KeyError):
-            raise ValueError(f"{name} must be bytes or a size like '2GiB'; got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"{name} must be a positive number of bytes; got {value!r}")
-    return int(value)
+    return _whole_bytes(name, value, _BYTES)
 
 
 def fraction_or_bytes(name: str, value: Any) -> float | int:
-    """A fraction of total memory (under 1) or a number of bytes."""
-    if isinstance(value, float) and 0 <= value < 1:
-        return value
-    if value == 0:
+    """A fraction of total memory in [0, 1) as a float, or a number of bytes as an int.
+
+    A float of 1 or more counts as bytes only if it is whole: ``1.5`` could mean neither."""
+    expected = f"a fraction of total memory in [0, 1) or {_BYTES}"
+    if isinstance(value, str):
+        return _whole_bytes(name, value, expected)
+    number = _real(name, value, expected)
+    if number == 0:
         return 0.0
-    size = byte_size(name, value)
-    assert size is not None
-    return size
+    if isinstance(number, float):
+        if 0 < number < 1:
+            return number
+        if number > 1 and math.isfinite(number) and not number.is_integer():
+            raise ValueError(
+                f"{name}={value!r} is ambiguous: a fraction of total memory must be under 1 "
+                f"and a number of bytes whole (say 0.1 for 10%, or '{number:g}GB')"
+            )
+    return _whole_bytes(name, number, expected)
 
 
 def fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"{name} must be a fraction in (0, 1]; got {value!r}")
-    return float(value)
+    expected = "a fraction in (0, 1]"
+    number = _real(name, value, expected)
+    if not 0 < number <= 1:  # False for nan
+        raise ValueError(f"{name} must be {expected}; got {value!r}")
+    return float(number)
 
 
 def start_method(method: Any) -> str:
@@ -83,24 +128,42 @@ def start_method(method: Any) -> str:
     return method
 
 
+def _int(name: str, value: Any, expected: str) -> int:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    raise TypeError(f"{name} must be {expected}; got {type(value).__name__} {value!r:.40}")
+
+
 def positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    return value
+    number = _int(name, value, "an integer >= 1")
+    if number < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+    return number
 
 
 def non_negative_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    number = _int(name, value, "an integer >= 0")
+    if number < 0:
         raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
-    return value
+    return number
+
+
+def chunksize(value: Any) -> int:
+    """``map(chunksize=...)``: checked as ``concurrent.futures`` does, though unused."""
+    number = _int("chunksize", value, "an integer >= 1")
+    if number < 1:
+        raise ValueError("chunksize must be >= 1.")
+    return number
 
 
 def optional_seconds(name: str, value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number of seconds or None; got {value!r}")
-    return float(value)
+    expected = "a finite number of seconds > 0, or None"
+    number = _real(name, value, expected)
+    if not 0 < number < math.inf:  # False for nan
+        raise ValueError(f"{name} must be {expected}; got {value!r}")
+    return float(number)
 
 
 def exception_types(value: Any) -> tuple[type[BaseException], ...]:
@@ -116,8 +179,11 @@ def callable_fn(caller: str, fn: Any) -> Any:
     return fn
 
 
-def iterators(caller: str, iterables: Iterable[Any]) -> tuple[list[Any], int | None]:
-    """Iterators over ``iterables`` and their common length, if every one has a length."""
+def iterators(
+    caller: str, iterables: Iterable[Any], shortest: bool = False
+) -> tuple[list[Any], int | None]:
+    """Iterators over ``iterables`` and their common length, if every one has a length;
+    with ``shortest``, lengths may differ and the shortest counts."""
     iterables = list(iterables)
     if not iterables:
         raise TypeError(f"{caller}() needs at least one iterable of inputs")
@@ -134,7 +200,7 @@ def iterators(caller: str, iterables: Iterable[Any]) -> tuple[list[Any], int | N
         except TypeError:
             sizes.append(None)
     known = [size for size in sizes if size is not None]
-    if len(set(known)) > 1:
+    if len(set(known)) > 1 and not shortest:
         raise ValueError(f"{caller}() iterables have different lengths: {known}")
-    total = known[0] if known and len(known) == len(sizes) else None
+    total = min(known) if known and len(known) == len(sizes) else None
     return its, total

@@ -6,6 +6,7 @@ Every sink takes records one at a time (``put``, a ``Finished``) or many with on
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Sequence
@@ -16,7 +17,8 @@ from .results import Failure, Results, exception_of
 from .tasks import Task
 
 if TYPE_CHECKING:
-    from .dispatch import Run
+    from .delivery import Deliveries
+    from .runs import Run
 
 
 def _with_results(error: BaseException, results: Results) -> BaseException:
@@ -58,11 +60,13 @@ class FinishedBatch(NamedTuple):
 
 
 class RecordSink:
-    """Collects a ``Results``; its future completes when the run has ended."""
+    """Collects a ``Results``; its future completes (on a delivery thread: it runs
+    callbacks) when the run has ended."""
 
-    def __init__(self) -> None:
+    def __init__(self, deliveries: Deliveries) -> None:
         self.results = Results()
         self.future: Future[Results] = Future()
+        self._deliveries = deliveries
         self._lock = threading.Lock()
 
     def put(self, done: Finished) -> None:
@@ -103,13 +107,15 @@ class RecordSink:
     def snapshot(self) -> Results:
         """The records made so far, in input order."""
         with self._lock:
-            return self.results._filled()
+            copy = self.results._copy()
+        return copy._filled()  # the slow part, outside the lock the dispatcher takes
 
     def finish(self, run: Run) -> None:
         if run.input_error is not None:
-            self.future.set_exception(_with_results(run.input_error, self.results))
+            error = _with_results(run.input_error, self.results)
+            self._deliveries.put(self.future.set_exception, error)
         else:
-            self.future.set_result(self.results)
+            self._deliveries.put(self.future.set_result, self.results)
 
 
 class OrderedSink:
@@ -118,6 +124,7 @@ class OrderedSink:
     def __init__(self) -> None:
         self._ready: dict[int, tuple[bool, Any]] = {}
         self._next = 0
+        self._discarding = False  # nobody will read: the work goes on, values are dropped
         self._ended = False
         self._input_error: BaseException | None = None
         self._changed = threading.Condition()
@@ -128,6 +135,8 @@ class OrderedSink:
         else:
             entry = (False, exception_of(done.status, done.failure))
         with self._changed:
+            if self._discarding:
+                return
             self._ready[done.task.index] = entry
             if done.task.index == self._next:
                 self._changed.notify()
@@ -138,12 +147,20 @@ class OrderedSink:
         else:
             entries = [(False, exception_of(done.status, done.failure))] * len(done.items)
         with self._changed:
+            if self._discarding:
+                return
             self._ready.update(zip(done.indices, entries, strict=True))
             if self._next in self._ready:
                 self._changed.notify()
 
     def buffered(self) -> int:
         return len(self._ready)
+
+    def discard(self) -> None:
+        """The iterator was dropped unread: keep no value from now on."""
+        with self._changed:
+            self._discarding = True
+            self._ready.clear()
 
     def finish(self, run: Run) -> None:
         with self._changed:
@@ -171,21 +188,21 @@ class OrderedSink:
 
 
 class FutureSink:
-    """Completes the ``Future`` of one ``submit`` call."""
+    """Completes the ``Future`` of one ``submit`` call, on a delivery thread.
 
-    def __init__(self, future: Future[Any]) -> None:
+    A cancelled record needs nothing here: the dispatcher cancels the future itself.
+    """
+
+    def __init__(self, future: Future[Any], deliveries: Deliveries) -> None:
         self.future = future
+        self._deliveries = deliveries
 
     def put(self, done: Finished) -> None:
-        try:
-            if done.failure is None:
-                self.future.set_result(done.value)
-            elif done.status == "cancelled":
-                self.future.cancel()
-            else:
-                self.future.set_exception(exception_of(done.status, done.failure))
-        except InvalidStateError:
-            pass  # the caller cancelled the future first
+        if done.failure is None:
+            self._deliveries.put(_settle, self.future.set_result, done.value)
+        elif done.status != "cancelled":
+            error = exception_of(done.status, done.failure)
+            self._deliveries.put(_settle, self.future.set_exception, error)
 
     def put_many(self, done: FinishedBatch) -> None:
         value = None if done.values is None else done.values[0]
@@ -198,5 +215,10 @@ class FutureSink:
         return 0
 
     def finish(self, run: Run) -> None:
-        if run.input_error is not None and not self.future.done():
-            self.future.set_exception(run.input_error)  # the dispatcher failed
+        if run.input_error is not None:
+            self._deliveries.put(_settle, self.future.set_exception, run.input_error)
+
+
+def _settle(complete: Any, outcome: Any) -> None:
+    with contextlib.suppress(InvalidStateError):  # the caller cancelled it first
+        complete(outcome)

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -18,7 +19,7 @@ from .errors import TaskTimeout
 from .results import Failure
 
 if TYPE_CHECKING:
-    from .dispatch import Run
+    from .runs import Run
 
 # What one task did: (value, failure or None, retryable, started, finished).
 Result = tuple[Any, Failure | None, bool, float, float]
@@ -141,9 +142,16 @@ def call_async(
     retry_on: tuple[type[BaseException], ...],
     timeout: float | None,
     blocked: Callable[[Any], Failure | None],
+    on_step: Callable[[int, float], None] = lambda position, started: None,
 ) -> Outcomes:
     """Run ``async def`` tasks together on this thread's event loop; the batch size is
-    the concurrency. ``blocked(item)`` names a reason an item cannot run, if any."""
+    the concurrency. ``blocked(item)`` names a reason an item cannot run, if any.
+
+    ``on_step(position, started)`` is called as each task's coroutine takes the loop
+    (``started``: when that task began, on the monotonic clock) and ``on_step(-1, 0)``
+    as it gives it back: a task that blocks the loop past its timeout is then seen,
+    and stopped, as that one task.
+    """
     import asyncio  # here, not at the top: it is slow to import, and most tasks are not async
 
     loop = getattr(_thread_state, "loop", None)
@@ -151,13 +159,44 @@ def call_async(
         loop = _thread_state.loop = asyncio.new_event_loop()
 
     async def together() -> list[Result]:
-        return await asyncio.gather(*(_one(fn, star, i, retry_on, timeout, blocked) for i in items))
+        return await asyncio.gather(
+            *(
+                _one(fn, star, item, retry_on, timeout, blocked, position, on_step)
+                for position, item in enumerate(items)
+            )
+        )
 
     results = loop.run_until_complete(together())
     outcomes = Outcomes.empty()
     for result in results:
         outcomes.add(result)
     return outcomes
+
+
+@types.coroutine
+def _stepped(coro: Any, position: int, started: float, on_step: Callable[[int, float], None]):
+    """Drive ``coro`` one step at a time, telling ``on_step`` while it holds the loop."""
+    steps = coro.__await__()
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        on_step(position, started)
+        try:
+            yielded = steps.send(value) if error is None else steps.throw(error)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            on_step(-1, 0.0)
+        try:
+            value, error = (yield yielded), None
+        except BaseException as exc:  # cancellation, thrown in by the loop: pass it on
+            value, error = None, exc
+
+
+async def _marked(
+    coro: Any, position: int, started: float, on_step: Callable[[int, float], None]
+) -> Any:
+    return await _stepped(coro, position, started, on_step)  # a Task needs a coroutine
 
 
 async def _one(
@@ -167,15 +206,18 @@ async def _one(
     retry_on: tuple[type[BaseException], ...],
     timeout: float | None,
     blocked: Callable[[Any], Failure | None],
+    position: int,
+    on_step: Callable[[int, float], None],
 ) -> Result:
     import asyncio
 
-    started = time.time()
+    started, began = time.time(), time.monotonic()
     reason = blocked(item)
     if reason is not None:
         return (None, reason, False, started, started)
     try:
-        value = await asyncio.wait_for(fn(*item) if star else fn(item), timeout)
+        coro = fn(*item) if star else fn(item)
+        value = await asyncio.wait_for(_marked(coro, position, began, on_step), timeout)
     except asyncio.TimeoutError:
         error = TaskTimeout(f"the task ran past its {timeout:g} s timeout")
         return (

@@ -1,25 +1,31 @@
 """The loop of a worker process (this module runs in the child).
 
-Parent to worker, over the worker's own duplex pipe, cloudpickled:
+Parent to worker, over the worker's own duplex pipe:
     ``(seq, run_id, job, count, items)``: run ``job`` (a pickled ``(fn, star, retry_on,
-    timeout)``, or
-    ``None`` when this worker already holds the run's) over each of the ``count`` items
-    (pickled apart, so that a batch the worker cannot unpickle fails as records rather
-    than killing the worker), ``fn(*item)`` if ``star`` else ``fn(item)``; ``None``: exit.
+    timeout)``, or ``None`` when this worker already holds the run's) over each of the
+    ``count`` items (pickled apart, so that a batch the worker cannot unpickle fails as
+    records rather than killing the worker), ``fn(*item)`` if ``star`` else ``fn(item)``;
+    ``None``: exit.
 Worker to parent:
-    ``("ready",)`` once started;
+    ``("hello",)`` once started; ``("ready",)`` once the initializer has run (or
+    ``("init-failed", why)``: the pool is then broken, as the standard library's);
     ``("done", seq, start, count, final, outcomes)``: ``count`` outcomes of positions
     ``start``..., pickled apart so that the parent can still tell which tasks they were
     when it cannot unpickle them; ``("out", stream, text)``: what tasks printed.
 
-The task being run is also written to a shared slot (see ``Slot``), so that the parent
-knows which task a crash or a timeout belongs to, even when its results are not sent yet.
+The worker writes what it is doing to shared memory (see ``Slot``): which task it runs
+and since when, or which batch it is loading or sending. So the parent knows what a
+crash or a timeout belongs to, even when no result was sent yet, and whether the worker
+died inside a task or outside of one.
+
+The worker leads a process group of its own, so that killing the group also kills the
+processes its tasks started.
 """
 
 from __future__ import annotations
 
 import inspect
-import mmap
+import io
 import os
 import pickle
 import queue
@@ -28,116 +34,109 @@ import struct
 import sys
 import threading
 import time
+from collections import ChainMap
 from collections.abc import Iterator
-from multiprocessing import reduction
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import cloudpickle
 
 from .results import Failure
+from .streams import ForwardedStream
 from .tasks import (
     Outcomes,
     call_async,
     failure_of,
-    initializer_failure,
     release_worker_process,
     release_worker_thread,
 )
 
 FLUSH_SECONDS = 0.05  # send finished outcomes at least this often during a long batch
 JOB_CACHE = 8  # functions kept, newest last; the parent mirrors this to know what we hold
-_LANE = struct.Struct("ddd")  # ticket running, when it started, ticket last finished
 THREADS: int | None = None  # in a worker process: how many threads run its tasks
-
-
 SEQ_SPAN = 1_048_576  # a task's ticket is seq * SEQ_SPAN + position: exact in a double
+
+# Phases, as written to a lane (the values of ``pool.base.Phase``).
+IDLE, INITIALIZING, LOADING_FUNCTION, LOADING_ARGUMENTS, RUNNING, SENDING = range(6)
+LANE = 5  # doubles per lane: phase, seq, ticket running, when it started, ticket finished
+_FRESH_LANE = struct.pack("5d", IDLE, -1.0, -1.0, 0.0, -1.0)
 
 
 class Slot:
-    """Shared memory with one lane per worker thread; a lane is three doubles: the ticket
-    of the task it runs, when that started, and the ticket of the last task it finished.
+    """Shared memory (a ``multiprocessing`` RawArray, so any platform) with a lane for
+    the worker's receiving thread (lane 0) and one per thread running tasks.
 
-    Each is written with one aligned 8-byte store, so a reader never sees half a value.
-    The worker writes the start time before the ticket, so a reader that sees a new
-    ticket may pair it with an old time only in the direction that delays a timeout.
+    A lane is five doubles: a phase and the batch it is about; the ticket of the task
+    running, when it started (``time.monotonic()``: one clock for every process), and
+    the ticket of the last task finished. A task runs while the two tickets differ.
+    Each double is written with one aligned 8-byte store, so a reader never sees half
+    a value; the worker writes the start time before the ticket, so a reader that sees
+    a new ticket may pair it with an old time only in the direction that delays a
+    timeout.
     """
 
-    def __init__(self, fd: int, lanes: int) -> None:
-        self._lanes = lanes
-        self._map = mmap.mmap(fd, lanes * _LANE.size)
-        self.cells = memoryview(self._map).cast("d")  # the worker writes these directly
+    def __init__(self, shared: Any, threads: int) -> None:
+        self.shared = shared
+        self.threads = threads
+        self.cells = memoryview(shared).cast("B").cast("d")
 
     @classmethod
-    def create(cls, lanes: int) -> tuple[Slot, int]:
-        """A new slot and the fd to hand to the child (the caller closes it)."""
-        fd = os.memfd_create("cellpool-slot", os.MFD_CLOEXEC)
-        os.ftruncate(fd, lanes * _LANE.size)
-        slot = cls(fd, lanes)
-        for lane in range(lanes):
-            _LANE.pack_into(slot._map, lane * _LANE.size, -1.0, 0.0, -1.0)
-        return slot, fd
+    def create(cls, ctx: Any, threads: int) -> Slot:
+        shared = ctx.RawArray("d", LANE * (threads + 1))
+        memoryview(shared).cast("B")[:] = _FRESH_LANE * (threads + 1)
+        return cls(shared, threads)
 
     def lane(self, index: int) -> memoryview:
-        return self.cells[3 * index : 3 * index + 3]
+        return self.cells[LANE * index : LANE * index + LANE]
 
     def read(self) -> list[tuple[int, int, float]]:
         """(seq, position, started) of each task running now."""
         running = []
-        for lane in range(self._lanes):
-            ticket, started, finished = _LANE.unpack_from(self._map, lane * _LANE.size)
+        cells = self.cells
+        for lane in range(1, self.threads + 1):
+            base = LANE * lane
+            ticket, started, finished = cells[base + 2], cells[base + 3], cells[base + 4]
             if ticket != finished:
                 seq, position = divmod(int(ticket), SEQ_SPAN)
                 running.append((seq, position, started))
         return running
 
+    def phases(self) -> list[tuple[int, int]]:
+        """(phase, seq) of every lane that is loading or sending a batch."""
+        found = []
+        for lane in range(self.threads + 1):
+            phase, seq = int(self.cells[LANE * lane]), int(self.cells[LANE * lane + 1])
+            if phase in (LOADING_FUNCTION, LOADING_ARGUMENTS, SENDING):
+                found.append((phase, seq))
+        return found
+
     def close(self) -> None:
         self.cells.release()
-        self._map.close()
 
 
-class SharedFd:
-    """An fd for a worker process, duplicated into it when the worker starts.
+class _SpawningPickler(cloudpickle.Pickler):
+    """cloudpickle (functions by value) that also passes what only process creation
+    can pass: ``multiprocessing`` queues, locks and connections."""
 
-    It lives here, in the module the forkserver preloads, so that unpickling it in a new
-    worker imports nothing more.
-    """
+    dispatch_table = ChainMap(ForkingPickler._extra_reducers, cloudpickle.Pickler.dispatch_table)
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+
+class Boot:
+    """The initializer and its arguments, handed to a worker as it is created (as the
+    standard library does, so ``initargs`` may hold a ``multiprocessing.Queue``)."""
+
+    def __init__(self, initializer: Any, initargs: tuple) -> None:
+        self.initializer = initializer
+        self.initargs = initargs
 
     def __reduce__(self) -> tuple[Any, tuple]:
-        return _received_fd, (reduction.DupFd(self.fd),)
-
-    def detach(self) -> int:
-        return self.fd
-
-
-def _received_fd(dup: Any) -> SharedFd:
-    return SharedFd(dup.detach())
+        buffer = io.BytesIO()
+        _SpawningPickler(buffer).dump((self.initializer, self.initargs))
+        return _booted, (buffer.getvalue(),)
 
 
-class _Forward:
-    """A text stream that sends what a task prints to the parent, a line at a time."""
-
-    def __init__(self, send: Any, name: str) -> None:
-        self._send = send
-        self._name = name
-        self._buffer: list[str] = []
-        self.encoding = "utf-8"
-
-    def write(self, text: str) -> int:
-        self._buffer.append(text)
-        if "\n" in text:
-            self.flush()
-        return len(text)
-
-    def flush(self) -> None:
-        if self._buffer:
-            text, self._buffer = "".join(self._buffer), []
-            self._send(("out", self._name, text))
-
-    def isatty(self) -> bool:
-        return False
+def _booted(data: bytes) -> Boot:
+    return Boot(*pickle.loads(data))
 
 
 class Unpicklable:
@@ -193,7 +192,10 @@ class _Channel:
         with self._lock:
             self.conn.send_bytes(data)
 
-    def send_outcomes(self, seq: int, start: int, outcomes: Outcomes, final: bool) -> None:
+    def send_outcomes(
+        self, lane: memoryview, seq: int, start: int, outcomes: Outcomes, final: bool
+    ) -> None:
+        lane[1], lane[0] = seq, SENDING
         sys.stdout.flush()
         sys.stderr.flush()  # what a task printed arrives before its record
         outcomes = _portable(outcomes)
@@ -202,33 +204,39 @@ class _Channel:
         except Exception:
             payload = cloudpickle.dumps(_picklable(outcomes))
         self.send(("done", seq, start, len(outcomes.values), final, payload))
+        lane[0] = IDLE
 
 
-def main(conn: Any, slot_fd: Any, init: bytes, threads: int) -> None:
+def main(conn: Any, shared: Any, boot: Boot, threads: int) -> None:
     """Run batches from ``conn`` on ``threads`` threads until told to stop or the parent
     goes away."""
     global THREADS
     THREADS = threads
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C stops
-    fd = slot_fd.detach()
-    slot = Slot(fd, threads)
-    os.close(fd)
+    if hasattr(os, "setpgid"):
+        os.setpgid(0, 0)
+    slot = Slot(shared, threads)
+    receiving = slot.lane(0)
     channel = _Channel(conn)
-    sys.stdout = _Forward(channel.send, "stdout")  # type: ignore[assignment]
-    sys.stderr = _Forward(channel.send, "stderr")  # type: ignore[assignment]
-    channel.send(("ready",))
-    init_failure = None
+    sys.stdout = ForwardedStream(channel.send, "stdout", 1)
+    sys.stderr = ForwardedStream(channel.send, "stderr", 2)
+    channel.send(("hello",))
+    receiving[0] = INITIALIZING
     try:
-        initializer, initargs = pickle.loads(init)
-        if initializer is not None:
-            initializer(*initargs)
+        if boot.initializer is not None:
+            boot.initializer(*boot.initargs)
     except BaseException as exc:
-        init_failure = initializer_failure(exc)
-    batches = _received(conn, init_failure)
+        channel.send(("init-failed", f"{type(exc).__name__}: {exc}"))
+        return
+    del boot
+    receiving[0] = IDLE
+    channel.send(("ready",))
+    batches = _received(conn, receiving)
     try:
         if threads == 1:
             for batch in batches:
-                _run_batch(channel, slot.lane(0), *batch)
+                _run_batch(channel, slot.lane(1), *batch)
+                del batch  # hold no task's arguments while waiting for the next batch
         else:
             _run_on_threads(channel, slot, batches, threads)
     finally:
@@ -236,7 +244,7 @@ def main(conn: Any, slot_fd: Any, init: bytes, threads: int) -> None:
         release_worker_process()  # after every thread that shares it has stopped
 
 
-def _received(conn: Any, init_failure: Failure | None) -> Iterator[tuple]:
+def _received(conn: Any, lane: memoryview) -> Iterator[tuple]:
     """The batches the parent sends, as ``_run_batch`` arguments, until it says stop."""
     jobs: dict[int, tuple[Any, bool, tuple, float | None]] = {}
     while True:
@@ -248,19 +256,24 @@ def _received(conn: Any, init_failure: Failure | None) -> Iterator[tuple]:
         if message is None:
             return
         seq, run_id, job, count, payload = message  # the header always loads
+        lane[1] = seq
         if job is not None:
+            lane[0] = LOADING_FUNCTION
             loaded = _unpickled(job, "function")
             unloadable = isinstance(loaded, Unpicklable)
             jobs[run_id] = (loaded, False, (), None) if unloadable else loaded
             if len(jobs) > JOB_CACHE:
                 del jobs[next(iter(jobs))]
         fn, star, retry_on, timeout = jobs[run_id]
+        lane[0] = LOADING_ARGUMENTS
         items = _unpickled(payload, "arguments")
+        lane[0] = IDLE
         lost = items.failure if isinstance(items, Unpicklable) else None
         if lost is not None:
             items = [None] * count
-        blocked = init_failure or (fn.failure if isinstance(fn, Unpicklable) else None) or lost
+        blocked = (fn.failure if isinstance(fn, Unpicklable) else None) or lost
         yield seq, fn, star, retry_on, timeout, items, blocked
+        del items, fn  # hold no task's arguments while waiting for the next batch
 
 
 def _run_on_threads(channel: _Channel, slot: Slot, batches: Iterator[tuple], threads: int) -> None:
@@ -271,11 +284,12 @@ def _run_on_threads(channel: _Channel, slot: Slot, batches: Iterator[tuple], thr
         try:
             while (batch := waiting.get()) is not None:
                 _run_batch(channel, lane, *batch)
+                del batch
         finally:
             release_worker_thread()
 
     runners = [
-        threading.Thread(target=serve, args=(slot.lane(i),), name=f"cellpool-lane-{i}")
+        threading.Thread(target=serve, args=(slot.lane(i + 1),), name=f"cellpool-lane-{i}")
         for i in range(threads)
     ]
     for runner in runners:
@@ -283,6 +297,7 @@ def _run_on_threads(channel: _Channel, slot: Slot, batches: Iterator[tuple], thr
     try:
         for batch in batches:
             waiting.put(batch)
+            del batch
     finally:
         for _ in runners:
             waiting.put(None)
@@ -292,7 +307,7 @@ def _run_on_threads(channel: _Channel, slot: Slot, batches: Iterator[tuple], thr
 
 def _run_batch(
     channel: _Channel,
-    cells: memoryview,
+    lane: memoryview,
     seq: int,
     fn: Any,
     star: bool,
@@ -305,10 +320,17 @@ def _run_batch(
 
     This is the hot loop for tiny tasks, so it is written out rather than calling
     ``tasks.call``: one clock read per task (a task starts when the one before ends),
-    and the slot written through a memoryview.
+    on the monotonic clock (the lane's), turned into epoch seconds for the records.
     """
+    base = seq * SEQ_SPAN
     if inspect.iscoroutinefunction(fn):
-        cells[1], cells[0] = time.time(), seq * SEQ_SPAN  # the batch runs as one
+
+        def on_step(position: int, started: float) -> None:
+            if position < 0:
+                lane[4] = lane[2]  # the loop is free: nothing of this batch runs now
+            else:
+                lane[3], lane[4], lane[2] = started, -1.0, base + position
+
         outcomes = call_async(
             fn,
             star,
@@ -316,18 +338,18 @@ def _run_batch(
             retry_on,
             timeout,
             lambda item: blocked or (item.failure if isinstance(item, Unpicklable) else None),
+            on_step,
         )
-        cells[2] = seq * SEQ_SPAN
-        channel.send_outcomes(seq, 0, outcomes, final=True)
+        channel.send_outcomes(lane, seq, 0, outcomes, final=True)
         return
     values, started, finished, failures = outcomes = Outcomes.empty()
-    clock = time.time
-    base = seq * SEQ_SPAN
+    clock = time.monotonic
+    to_epoch = time.time() - clock()
     start = 0
     now = flushed = clock()
     for position, item in enumerate(items):
-        cells[1] = now
-        cells[0] = base + position
+        lane[3] = now
+        lane[2] = base + position
         if blocked is not None or isinstance(item, Unpicklable):
             failures[len(values)] = (blocked or item.failure, False)
             value = None
@@ -338,12 +360,12 @@ def _run_batch(
                 failures[len(values)] = (failure_of(exc), isinstance(exc, retry_on))
                 value = None
         values.append(value)
-        started.append(now)
+        started.append(now + to_epoch)
         now = clock()
-        finished.append(now)
-        cells[2] = base + position
+        finished.append(now + to_epoch)
+        lane[4] = base + position
         if now - flushed > FLUSH_SECONDS and position + 1 < len(items):
-            channel.send_outcomes(seq, start, outcomes, final=False)
+            channel.send_outcomes(lane, seq, start, outcomes, final=False)
             values, started, finished, failures = outcomes = Outcomes.empty()
             start, flushed = position + 1, now
-    channel.send_outcomes(seq, start, outcomes, final=True)
+    channel.send_outcomes(lane, seq, start, outcomes, final=True)

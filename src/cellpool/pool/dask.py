@@ -15,10 +15,12 @@ import time
 import uuid
 from typing import Any
 
+from ..shipping import pack, unpack
 from ..tasks import Batch, Outcomes, call, call_async
-from .base import Completed, Pool, Report, Running, WorkerLost
+from .base import Completed, Pool, Report, Running, WorkerGone
 
 PREFETCH = 4  # batches handed to dask per worker thread
+PACKED_RUNS = 8  # runs whose packed function is kept for their next batches
 INFO_SECONDS = 1.0  # how often the scheduler's figures are asked for
 
 
@@ -33,11 +35,16 @@ def _dask_distributed() -> Any:
 
 
 def run_batch(fn: Any, star: bool, retry_on: tuple, timeout: float | None, items: list) -> tuple:
-    """Runs in a dask worker: the batch's tasks, and where they ran."""
+    """Runs in a dask worker: the batch's tasks, and where they ran.
+
+    ``fn`` comes as ``shipping.pack`` bytes (the scheduler passes them on untouched),
+    or as itself when those could not be made."""
     import inspect
 
     from distributed import get_worker
 
+    if isinstance(fn, bytes):
+        fn = unpack(fn)
     if inspect.iscoroutinefunction(fn):
         outcomes = call_async(fn, star, items, retry_on, timeout, lambda item: None)
     else:
@@ -78,10 +85,12 @@ class DaskPool(Pool):
         self._futures: dict[int, Any] = {}  # batch seq -> its dask future
         self._sent_at: dict[int, float] = {}
         self._batches: dict[int, Batch] = {}
+        self._packed: dict[int, Any] = {}  # run serial -> its function, pickled once
         self._counts: dict[str, list[int]] = {}  # address -> [done, errors]
         self._pids: dict[str, int] = {}  # address -> the pid its batches reported
         self._info: dict[str, Any] = {}
         self._info_at = 0.0
+        self._closed = False
 
     @property
     def size(self) -> int:
@@ -95,17 +104,14 @@ class DaskPool(Pool):
             self._info_at = time.monotonic()
         return self._info
 
-    def capacity(self) -> int:
-        return PREFETCH * self.size - len(self._futures)
-
-    def pause_reasons(self) -> list[str]:
-        return []
+    def capacity(self, prefetch: bool = True) -> int:
+        return (PREFETCH if prefetch else 1) * self.size - len(self._futures)
 
     def send(self, batch: Batch) -> None:
         run = batch.run
         future = self._client.submit(
             run_batch,
-            run.fn,
+            self._fn(run),
             run.star,
             run.retry_on,
             run.timeout if run.is_async else None,
@@ -114,9 +120,23 @@ class DaskPool(Pool):
             key=f"{self._key}-{batch.seq}",
         )
         self._futures[batch.seq] = future
-        self._sent_at[batch.seq] = time.time()
+        self._sent_at[batch.seq] = time.monotonic()
         self._batches[batch.seq] = batch
         future.add_done_callback(lambda done, batch=batch: self._done(batch, done))
+
+    def _fn(self, run: Any) -> Any:
+        """The run's function as it travels, pickled once: in the worker, its tracebacks
+        name its own files and show its lines, cells' included."""
+        fn = self._packed.get(run.serial)
+        if fn is None:
+            try:
+                fn = pack(run.fn)
+            except Exception:
+                fn = run.fn  # dask says why it cannot pickle it, as before
+            self._packed[run.serial] = fn
+            if len(self._packed) > PACKED_RUNS:
+                del self._packed[next(iter(self._packed))]
+        return fn
 
     def _done(self, batch: Batch, future: Any) -> None:
         """Runs on the client's thread: turn a finished dask task into an event."""
@@ -127,14 +147,14 @@ class DaskPool(Pool):
         elif status == "error":
             reason = f"dask could not run the batch: {future.exception()!r}"
             everything = [(batch, position) for position in range(len(batch.items))]
-            self._report(WorkerLost("dask", 0, "crashed", reason, culprits=everything))
+            self._report(WorkerGone("dask", 0, reason, True, everything))
         elif status != "cancelled":  # a cancelled future was reported by stop()
             # "lost": the worker holding its result died, and dask computes it again.
             # The callback fires once, so wait for that second completion.
             future.add_done_callback(lambda again: self._done(batch, again))
 
-    def settle(self, event: Completed | WorkerLost) -> None:
-        seq = event.batch.seq if isinstance(event, Completed) else event.culprits[0][0].seq
+    def settle(self, event: Completed | WorkerGone) -> None:
+        seq = event.batch.seq if isinstance(event, Completed) else event.running[0][0].seq
         self._futures.pop(seq, None)
         self._sent_at.pop(seq, None)
         self._batches.pop(seq, None)
@@ -152,19 +172,20 @@ class DaskPool(Pool):
             if seq in self._batches
         ]
 
-    def stop(
-        self, worker: str, status: str, reason: str, task: tuple[int, int] | None = None
-    ) -> None:
+    def stop(self, worker: str, why: str, task: tuple[int, int] | None = None) -> bool:
         seq = int(worker.removeprefix("batch-"))
         future = self._futures.get(seq)
         batch = self._batches.get(seq)
         if future is None or batch is None or future.status == "cancelled":
-            return
+            return False
         future.cancel()
-        culprits = [(batch, position) for position in range(len(batch.items))]
-        self._report(WorkerLost("dask", 0, status, reason, culprits=culprits))
+        everything = [(batch, position) for position in range(len(batch.items))]
+        self._report(WorkerGone(worker, 0, why, True, everything))
+        return True
 
     def workers_info(self) -> list[dict[str, Any]]:
+        if self._closed:
+            return []
         rows = []
         for address, info in sorted(self._scheduler_workers().items()):
             metrics = info.get("metrics", {})
@@ -189,10 +210,14 @@ class DaskPool(Pool):
             )
         return rows
 
-    def shutdown(self, wait: bool) -> None:
+    def close(self, cancel_running: bool) -> None:
         for future in self._futures.values():
             future.cancel()
         if self._own_client:
             self._client.close()
         if self._cluster is not None:
             self._cluster.close()
+        self._closed = True
+
+    def closed(self) -> bool:
+        return self._closed

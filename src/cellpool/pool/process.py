@@ -1,23 +1,40 @@
-"""Worker processes, each with its own duplex pipe, watched by one reader thread.
+"""Worker processes, each with its own duplex pipe.
 
-The reader waits on every worker's pipe and process sentinel at once
-(``multiprocessing.connection.wait``) and only posts events: ``Completed`` for results,
-``WorkerLost`` for a death. Everything else (routing, kills, reaping, replacements)
-happens in the dispatcher thread, in ``send``, ``stop`` and ``settle``: two threads
-reaping one process would race for its exit status.
+Data flow::
+
+    dispatcher --send()--> sender thread (one per worker: pickles, writes the pipe)
+                                 |
+                                 v
+                          worker process (worker.py) --writes--> shared Slot
+                                 |                                   |
+                                 v                                   v
+    dispatcher <--facts-- reader thread (reads every pipe,     dispatcher reads it for
+                          reaps every process)                timeouts and crashes
+
+Ownership: the dispatcher thread calls every ``ProcessPool`` method and owns the
+``_Worker`` records (their state, batches in flight, counters). The reader thread owns
+reading the pipes and reaping: it waits on every pipe and process sentinel at once
+(``multiprocessing.connection.wait``), unpickles results, kills the process group of a
+worker that died (processes its tasks started) and reaps it, then posts what it saw.
+Each sender thread owns the writing end of its worker's pipe, so a full pipe blocks
+only that sender. A pipe is closed by the dispatcher once the reader has reported the
+worker gone and its sender has ended.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import multiprocessing
 import os
 import pickle
+import queue
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -26,13 +43,13 @@ import cloudpickle
 from .. import worker as child
 from ..admission import Admission
 from ..results import Failure
+from ..shipping import ship
 from ..tasks import Batch, Outcomes
-from .base import Completed, Pool, Report, Running, WorkerLost
+from .base import Completed, Phase, Pool, PoolBroken, Report, Running, WorkerGone, WorkerReady
 
-PREFETCH = 2  # batches queued per worker beyond the one it runs
+PREFETCH = 2  # batches queued per worker thread beyond the one it runs
 KILL_GRACE = 1.0  # seconds between SIGTERM and SIGKILL
-SHUTDOWN_GRACE = 5.0  # seconds an idle worker gets to exit before it is killed
-START_FAILURES = 3  # workers in a row dying before they are ready: the pool is broken
+SHUTDOWN_GRACE = 5.0  # seconds an idle worker gets to exit at shutdown before it is killed
 
 
 def default_start_method() -> str:
@@ -71,8 +88,48 @@ def _exit_reason(exitcode: int | None) -> str:
     return f"the worker process exited with code {exitcode}"
 
 
+def _signal_group(pid: int, sig: int) -> None:
+    """Signal the worker's process group (it and what its tasks started)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if hasattr(os, "killpg"):
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"  # the process is starting
+    INITIALIZING = "initializing"  # it runs the initializer
+    READY = "ready"  # it takes work
+    RETIRING = "retiring"  # it takes no more work and exits after what it holds
+    STOPPING = "stopping"  # it is being killed
+    GONE = "gone"  # the reader reported its exit
+
+
+# Events of the pool's own threads, turned into facts by ``handle``.
+@dataclass(slots=True)
+class _Said:
+    worker: str
+    message: tuple
+
+
+@dataclass(slots=True)
+class _Outcomes:
+    worker: str
+    seq: int
+    start: int
+    outcomes: Outcomes
+    final: bool
+
+
+@dataclass(slots=True)
+class _Exited:
+    worker: str
+    exitcode: int | None
+
+
 class _Worker:
-    """One worker process as the parent sees it."""
+    """One worker process as the dispatcher sees it."""
 
     def __init__(self, worker_id: str, process: Any, conn: Any, slot: child.Slot) -> None:
         self.id = worker_id
@@ -80,18 +137,17 @@ class _Worker:
         self.pid: int = process.pid
         self.conn = conn
         self.slot = slot
+        self.state = WorkerState.STARTING
+        self.since = time.monotonic()  # when the current state began
+        self.outbox: queue.SimpleQueue[bytes | Batch | None] = queue.SimpleQueue()
+        self.sender: threading.Thread | None = None
         self.in_flight: dict[int, Batch] = {}  # seq -> batch, in the order sent
         self.jobs: dict[int, None] = {}  # runs whose function this worker holds
         self.assigned = 0
         self.done = 0
         self.errors = 0
-        # once killed: (status, reason, the task it was killed for or None for all)
-        self.stopping: tuple[str, str, tuple[int, int] | None] | None = None
-        self.kill_at: float | None = None
-        self.retiring: str | None = None  # why it takes no more work and will be replaced
-        self.ready = False  # set by the reader thread once the worker has started
-        self.dead = False  # set by the reader thread
-        self.eof = False  # set by the reader thread
+        self.why: str | None = None  # why it is retiring or stopping
+        self.kill_at: float | None = None  # when SIGTERM turns into SIGKILL
 
 
 class ProcessPool(Pool):
@@ -112,6 +168,7 @@ class ProcessPool(Pool):
         threads_per_worker: int = 1,
     ) -> None:
         method = start_method or default_start_method()
+        self._size = workers
         self._threads = threads_per_worker
         self._ctx = multiprocessing.get_context(method)
         if method == "forkserver":
@@ -119,119 +176,222 @@ class ProcessPool(Pool):
         self._report = report
         self._admission = admission
         self._max_tasks = max_tasks_per_worker
-        self._init = cloudpickle.dumps((initializer, initargs))
-        self._jobs: dict[int, bytes] = {}
+        self._boot = child.Boot(initializer, initargs)
+        self._jobs: dict[int, bytes] = {}  # run serial -> its pickled function
+        self._jobs_lock = threading.Lock()  # the senders share _jobs
         self._workers: dict[str, _Worker] = {}
+        self._leaving: list[_Worker] = []  # gone, waiting for their sender to end
+        self._paused: dict[str, str] = {}  # this tick's pauses, from one sample
+        self._machine_pause: str | None = None
         self._serial = 0
         self._closing = False
-        self._start_failures = 0
-        self.broken: str | None = None
+        self._close_deadline: float | None = None
+        self._watch_lock = threading.Lock()
+        self._watched: dict[str, tuple[Any, Any]] = {}  # reader's: id -> (conn, process)
         self._wake_r, self._wake_w = os.pipe()
-        for _ in range(workers):
-            self._spawn()
         self._reader = threading.Thread(target=self._read, name="cellpool-reader", daemon=True)
         self._reader.start()
+        for _ in range(workers):
+            self._spawn()
 
     def _spawn(self) -> None:
         self._serial += 1
         worker_id = f"p{self._serial}"
         parent_end, child_end = self._ctx.Pipe(duplex=True)
-        slot, fd = child.Slot.create(self._threads)
+        slot = child.Slot.create(self._ctx, self._threads)
         process = self._ctx.Process(
             target=child.main,
-            args=(child_end, child.SharedFd(fd), self._init, self._threads),
+            args=(child_end, slot.shared, self._boot, self._threads),
             name=f"cellpool-{worker_id}",
             daemon=True,
         )
         try:
             with _main_left_alone():
                 process.start()
+        except BaseException:
+            parent_end.close()
+            slot.close()
+            raise
         finally:
             child_end.close()
-            os.close(fd)
-        self._workers[worker_id] = _Worker(worker_id, process, parent_end, slot)
+        worker = _Worker(worker_id, process, parent_end, slot)
+        worker.sender = threading.Thread(
+            target=self._send_loop, args=(worker,), name=f"cellpool-sender-{worker_id}"
+        )
+        worker.sender.daemon = True
+        worker.sender.start()
+        self._workers[worker_id] = worker
+        with self._watch_lock:
+            self._watched[worker_id] = (parent_end, process)
         os.write(self._wake_w, b"w")
 
     # -- the reader thread ---------------------------------------------------------
 
     def _read(self) -> None:
-        # The reader touches a worker's pipe and process only while it is alive and the
-        # pool open: the dispatcher closes them only after the reader saw the worker die
-        # (it is then left out here) or, in shutdown, after this thread has ended.
-        while not self._closing:
-            workers = [w for w in list(self._workers.values()) if not w.dead]
-            conns = {w.conn: w for w in workers if not w.eof}
-            sentinels = {w.process.sentinel: w for w in workers}
+        while True:
+            with self._watch_lock:
+                watched = dict(self._watched)
+                if self._closing and not watched:
+                    return
+            conns = {conn: worker for worker, (conn, _) in watched.items()}
+            sentinels = {p.sentinel: worker for worker, (_, p) in watched.items()}
             for ready in wait([*conns, *sentinels, self._wake_r]):
                 if ready == self._wake_r:
                     os.read(self._wake_r, 4096)
                 elif ready in conns:
-                    self._receive(conns[ready])
-                else:
-                    self._buried(sentinels[ready])
+                    self._receive(conns[ready], ready)
+                elif ready in sentinels:
+                    self._bury(sentinels[ready], *watched[sentinels[ready]])
 
-    def _receive(self, worker: _Worker) -> None:
+    def _receive(self, worker: str, conn: Any) -> bool:
         try:
-            message = pickle.loads(worker.conn.recv_bytes())
+            message = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
-            worker.eof = True
-            return
-        if message[0] == "ready":
-            worker.ready = True
-            return
+            return False
         if message[0] == "out":
             _, stream, text = message
             lines = text.splitlines(keepends=True)
             target = sys.stderr if stream == "stderr" else sys.stdout
-            target.write("".join(f"[{worker.id}] {line}" for line in lines))
-            return
-        _, seq, start, count, final, payload = message
-        batch = worker.in_flight.get(seq)
-        if batch is not None:
-            self._report(
-                Completed(batch, start, _unpickled(payload, count), worker.id, worker.pid, final)
-            )
+            target.write("".join(f"[{worker}] {line}" for line in lines))
+        elif message[0] == "done":
+            _, seq, start, count, final, payload = message
+            self._report(_Outcomes(worker, seq, start, _unpickled(payload, count), final))
+        else:
+            self._report(_Said(worker, message))
+        return True
 
-    def _buried(self, worker: _Worker) -> None:
-        while not worker.eof and worker.conn.poll(0):
-            self._receive(worker)  # results sent before it died still count
-        worker.dead = True
-        if not self._closing:
-            self._report(WorkerLost(worker.id, worker.pid, "crashed", "", None))
+    def _bury(self, worker: str, conn: Any, process: Any) -> None:
+        while conn.poll(0) and self._receive(worker, conn):
+            pass  # results sent before it died still count
+        _signal_group(process.pid, signal.SIGKILL)  # what its tasks started dies with it
+        process.join()
+        with self._watch_lock:
+            del self._watched[worker]
+        self._report(_Exited(worker, process.exitcode))
+
+    # -- the sender threads --------------------------------------------------------
+
+    def _send_loop(self, worker: _Worker) -> None:
+        while (batch := worker.outbox.get()) is not None:
+            if isinstance(batch, bytes):
+                data = batch
+            else:
+                job = worker.outbox.get()
+                data = _message(batch, self._job(batch) if job else None)
+            del batch
+            with contextlib.suppress(OSError):  # it died: the reader reports it
+                worker.conn.send_bytes(data)
+
+    def _job(self, batch: Batch) -> bytes:
+        """The run's function, pickled once for every worker."""
+        run = batch.run
+        with self._jobs_lock:
+            data = self._jobs.get(run.serial)
+        if data is None:
+            try:
+                data = cloudpickle.dumps((ship(run.fn), run.star, run.retry_on, run.timeout))
+            except Exception as error:
+                stand_in = child.Unpicklable("function", error)
+                data = cloudpickle.dumps((stand_in, run.star, run.retry_on, run.timeout))
+            with self._jobs_lock:
+                self._jobs[run.serial] = data
+                if len(self._jobs) > child.JOB_CACHE:
+                    del self._jobs[next(iter(self._jobs))]
+        return data
 
     # -- the dispatcher's side -----------------------------------------------------
 
-    def _available(self) -> list[_Worker]:
-        """Workers that may take a batch now: alive, staying, under their limits."""
-        if self._admission.machine_pause() is not None:
+    def handle(self, event: Any) -> list[Any]:
+        worker = self._workers.get(event.worker)
+        if worker is None:
+            return []
+        if isinstance(event, _Outcomes):
+            batch = worker.in_flight.get(event.seq)
+            if batch is None:
+                return []
+            return [
+                Completed(batch, event.start, event.outcomes, worker.id, worker.pid, event.final)
+            ]
+        if isinstance(event, _Exited):
+            return [self._gone(worker, event.exitcode)]
+        said = event.message[0]
+        if said == "hello" and worker.state is WorkerState.STARTING:
+            worker.state, worker.since = WorkerState.INITIALIZING, time.monotonic()
+        elif said == "ready" and worker.state is WorkerState.INITIALIZING:
+            worker.state, worker.since = WorkerState.READY, time.monotonic()
+            return [WorkerReady(worker.id)]
+        elif said == "init-failed":
+            return [PoolBroken(f"the initializer failed: {event.message[1]}")]
+        return []
+
+    def _gone(self, worker: _Worker, exitcode: int | None) -> WorkerGone:
+        """What the worker left behind, read from its slot now that it is dead."""
+        ready = worker.state not in (WorkerState.STARTING, WorkerState.INITIALIZING)
+        reason = worker.why if worker.state is WorkerState.STOPPING else _exit_reason(exitcode)
+        running = [
+            (worker.in_flight[seq], position)
+            for seq, position, _ in worker.slot.read()
+            if seq in worker.in_flight
+        ]
+        batch_phase = None
+        for phase, seq in worker.slot.phases():
+            if seq in worker.in_flight and not running:
+                batch_phase = (worker.in_flight[seq], Phase(phase))
+        unreported = [(batch, 0) for batch in worker.in_flight.values()]
+        return WorkerGone(
+            worker.id, worker.pid, reason or "", ready, running, batch_phase, unreported
+        )
+
+    def settle(self, event: Completed | WorkerGone) -> None:
+        worker = self._workers.get(event.worker)
+        if worker is None:
+            return
+        if isinstance(event, Completed):
+            worker.done += len(event.outcomes.values)
+            worker.errors += len(event.outcomes.failures)
+            if event.final:
+                worker.in_flight.pop(event.batch.seq, None)
+                if not worker.in_flight and (worker.state is WorkerState.RETIRING or self._closing):
+                    self._release(worker)
+            return
+        worker.state = WorkerState.GONE
+        del self._workers[worker.id]
+        worker.outbox.put(None)
+        self._leaving.append(worker)
+        if not self._closing:
+            self._spawn()
+
+    def _release(self, worker: _Worker) -> None:
+        """Ask an idle worker to exit (it is replaced when the reader sees it go)."""
+        if worker.state is not WorkerState.STOPPING:
+            worker.state = WorkerState.RETIRING
+            worker.outbox.put(pickle.dumps(None))
+
+    def _takers(self) -> list[_Worker]:
+        """Workers that may take a batch now: ready, under their limits, not full."""
+        if self._machine_pause is not None or self._closing:
             return []
         return [
             w
             for w in self._workers.values()
-            if not (w.dead or w.stopping or w.retiring)
-            and len(w.in_flight) < PREFETCH * self._threads
-            and self._admission.worker_pause(w.id) is None
+            if w.state is WorkerState.READY and w.id not in self._paused
         ]
 
-    def pause_reasons(self) -> list[str]:
-        machine = self._admission.machine_pause()
-        if machine is not None:
-            return [machine]
-        paused = {w.id: self._admission.worker_pause(w.id) for w in self._workers.values()}
-        return [f"{worker}: {reason}" for worker, reason in paused.items() if reason]
+    def capacity(self, prefetch: bool = True) -> int:
+        room = PREFETCH * self._threads if prefetch else self._threads
+        return sum(max(0, room - len(w.in_flight)) for w in self._takers())
 
-    def capacity(self) -> int:
-        return sum(PREFETCH * self._threads - len(w.in_flight) for w in self._available())
+    def pause_reasons(self) -> list[str]:
+        if self._machine_pause is not None:
+            return [self._machine_pause]
+        return [f"{worker}: {reason}" for worker, reason in self._paused.items()]
 
     def _choose(self) -> _Worker:
         """The worker for the next batch: fewest tasks in flight, then most memory
         headroom (the one furthest from its limit, or the smallest)."""
         rss = {row["worker"]: row.get("rss") or 0 for row in self._admission.rows()}
-        # A new sample may pause every worker between capacity() and here: then any
-        # live worker takes this one batch.
-        live = [w for w in self._workers.values() if not (w.dead or w.stopping or w.retiring)]
         return min(
-            self._available() or live,
+            self._takers(),
             key=lambda w: (
                 sum(len(b.items) for b in w.in_flight.values()),
                 len(w.in_flight),
@@ -247,93 +407,23 @@ class ProcessPool(Pool):
     def send(self, batch: Batch) -> None:
         worker = self._choose()
         run_id = batch.run.serial
-        job = None
-        if run_id not in worker.jobs:
-            job = self._job(batch)
+        new_job = run_id not in worker.jobs
+        if new_job:
             worker.jobs[run_id] = None
             if len(worker.jobs) > child.JOB_CACHE:
                 del worker.jobs[next(iter(worker.jobs))]  # as the worker drops it
         worker.in_flight[batch.seq] = batch
         worker.assigned += len(batch.items)
         if self._max_tasks is not None and worker.assigned >= self._max_tasks:
-            worker.retiring = f"reached max_tasks_per_worker={self._max_tasks}"
-        with contextlib.suppress(OSError):  # it died: the reader reports it, the batch moves
-            worker.conn.send_bytes(_message(batch, run_id, job))
-
-    def _job(self, batch: Batch) -> bytes:
-        """The run's function, pickled once for every worker."""
-        run = batch.run
-        data = self._jobs.get(run.serial)
-        if data is None:
-            try:
-                data = cloudpickle.dumps((run.fn, run.star, run.retry_on, run.timeout))
-            except Exception as error:
-                stand_in = child.Unpicklable("function", error)
-                data = cloudpickle.dumps((stand_in, run.star, run.retry_on, run.timeout))
-            self._jobs[run.serial] = data
-            if len(self._jobs) > child.JOB_CACHE:
-                del self._jobs[next(iter(self._jobs))]
-        return data
-
-    def settle(self, event: Completed | WorkerLost) -> None:
-        if isinstance(event, Completed):
-            worker = self._workers.get(event.worker)
-            if worker is None:
-                return
-            worker.done += len(event.outcomes.values)
-            worker.errors += len(event.outcomes.failures)
-            if event.final:
-                worker.in_flight.pop(event.batch.seq, None)
-                if worker.retiring and not worker.in_flight:
-                    self._release(worker)
-            return
-        worker = self._workers.pop(event.worker)
-        running = [
-            (worker.in_flight[seq], position)
-            for seq, position, _ in worker.slot.read()
-            if seq in worker.in_flight
-        ]
-        exitcode = self._discard(worker)
-        target = None
-        if worker.stopping is not None:
-            event.status, event.reason, target = worker.stopping
-        elif worker.retiring and not worker.in_flight and exitcode == 0:
-            event.status = "retired"
-        else:
-            event.reason = _exit_reason(exitcode)
-        # A crash cannot be pinned on one of the tasks it was running: all end with it.
-        event.culprits = [t for t in running if target is None or (t[0].seq, t[1]) == target]
-        event.unfinished = [(batch, 0) for batch in worker.in_flight.values()]
-        self._start_failures = 0 if worker.ready else self._start_failures + 1
-        if self._start_failures >= START_FAILURES:
-            self.broken = (
-                f"{START_FAILURES} worker processes in a row died while starting: {event.reason}"
-            )
-        elif not self._closing:
-            self._spawn()
-
-    def _release(self, worker: _Worker) -> None:
-        """Ask an idle worker to exit (it is replaced when the reader sees it go)."""
-        with contextlib.suppress(OSError):
-            worker.conn.send_bytes(pickle.dumps(None))
-
-    def _discard(self, worker: _Worker) -> int | None:
-        """Reap the worker's process (killing it if it lingers), free its resources,
-        and return its exit code."""
-        worker.process.join(SHUTDOWN_GRACE)
-        if worker.process.is_alive():
-            worker.process.kill()
-            worker.process.join()
-        exitcode = worker.process.exitcode
-        worker.process.close()
-        worker.conn.close()
-        worker.slot.close()
-        return exitcode
+            worker.state = WorkerState.RETIRING
+            worker.why = f"reached max_tasks_per_worker={self._max_tasks}"
+        worker.outbox.put(batch)
+        worker.outbox.put(new_job)  # type: ignore[arg-type]
 
     def running(self) -> list[Running]:
         busy = []
         for worker in self._workers.values():
-            if worker.dead or worker.stopping:
+            if worker.state is WorkerState.STOPPING:
                 continue
             for seq, position, started in worker.slot.read():
                 batch = worker.in_flight.get(seq)
@@ -341,57 +431,72 @@ class ProcessPool(Pool):
                     busy.append(Running(worker.id, batch, position, started))
         return busy
 
-    def stop(
-        self, worker: str, status: str, reason: str, task: tuple[int, int] | None = None
-    ) -> None:
+    def starting(self) -> list[tuple[str, float]]:
+        return [
+            (w.id, w.since) for w in self._workers.values() if w.state is WorkerState.INITIALIZING
+        ]
+
+    def stop(self, worker: str, why: str, task: tuple[int, int] | None = None) -> bool:
         stopped = self._workers.get(worker)
-        if stopped is None or stopped.stopping is not None or stopped.dead:
-            return
-        stopped.stopping = (status, reason, task)
+        if stopped is None or stopped.state is WorkerState.STOPPING:
+            return False
+        stopped.state, stopped.why = WorkerState.STOPPING, why
         stopped.kill_at = time.monotonic() + KILL_GRACE
-        stopped.process.terminate()
+        _signal_group(stopped.pid, signal.SIGTERM)
+        return True
 
     def tick(self) -> None:
         now = time.monotonic()
+        self._machine_pause = self._admission.machine_pause()
+        self._paused = {}
+        for worker in self._workers.values():
+            reason = self._admission.worker_pause(worker.id)
+            if reason is not None:
+                self._paused[worker.id] = reason
         for worker in list(self._workers.values()):
-            if worker.dead:
-                continue
             if worker.kill_at is not None and now > worker.kill_at:
-                worker.process.kill()
+                _signal_group(worker.pid, signal.SIGKILL)
                 worker.kill_at = None
-            if worker.stopping is not None:
+            late = self._close_deadline is not None and now > self._close_deadline
+            if late and not worker.in_flight:
+                self.stop(worker.id, "it did not exit at shutdown")
+            if worker.state is not WorkerState.READY:
                 continue
             action = self._admission.worker_action(worker.id, busy=bool(worker.in_flight))
             if action is None:
                 continue
             verdict, reason = action
             if verdict == "kill":
-                self.stop(worker.id, "crashed", reason)
-            elif not worker.retiring:
-                worker.retiring = reason
+                self.stop(worker.id, reason)
+            else:
+                worker.state, worker.why = WorkerState.RETIRING, reason
                 if not worker.in_flight:
                     self._release(worker)
+        for worker in [w for w in self._leaving if not (w.sender and w.sender.is_alive())]:
+            self._leaving.remove(worker)
+            worker.conn.close()
+            worker.slot.close()
 
     def workers_info(self) -> list[dict[str, Any]]:
         rows = []
-        now = time.time()
-        for worker in list(self._workers.values()):
-            running = [] if worker.dead else worker.slot.read()
+        now = time.monotonic()
+        for worker in self._workers.values():
             task = started = None
-            for seq, position, since in running[:1]:  # the first thread's task
+            for seq, position, since in worker.slot.read()[:1]:  # the first thread's task
                 batch = worker.in_flight.get(seq)
                 if batch is not None:
                     task, started = batch.indices[position], since
-            if worker.dead:
-                state, reason = "dead", "the worker process died"
-            elif worker.stopping is not None:
-                state, reason = "dead", worker.stopping[1]
-            elif worker.retiring:
-                state, reason = "recycling", worker.retiring
+            reason = worker.why
+            if worker.state is WorkerState.STOPPING:
+                state = "dead"
+            elif worker.state is WorkerState.RETIRING:
+                state = "recycling"
+            elif worker.state in (WorkerState.STARTING, WorkerState.INITIALIZING):
+                state = "starting"
             elif task is not None:
                 state, reason = "busy", None
             else:
-                paused = self._admission.machine_pause() or self._admission.worker_pause(worker.id)
+                paused = self._machine_pause or self._paused.get(worker.id)
                 state, reason = ("idle", None) if paused is None else ("paused", paused)
             rows.append(
                 {
@@ -407,20 +512,36 @@ class ProcessPool(Pool):
             )
         return rows
 
-    def shutdown(self, wait: bool) -> None:
+    def close(self, cancel_running: bool) -> None:
+        if self._closing:
+            return
         self._closing = True
+        self._close_deadline = time.monotonic() + SHUTDOWN_GRACE
+        for worker in list(self._workers.values()):
+            if cancel_running and worker.in_flight:
+                self.stop(worker.id, "the executor shut down")
+            elif not worker.in_flight:
+                self._release(worker)
         os.write(self._wake_w, b"w")
-        self._reader.join()
-        for worker in self._workers.values():
-            self._release(worker)
-        for worker in self._workers.values():
-            self._discard(worker)
-        self._workers.clear()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+
+    def closed(self) -> bool:
+        if self._workers or self._leaving or self._reader.is_alive():
+            if not self._workers:
+                os.write(self._wake_w, b"w")  # let the reader see it has nothing to watch
+            return False
+        if self._wake_r >= 0:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
+        return True
+
+    def abandon(self) -> None:
+        for worker in list(self._workers.values()):
+            self.stop(worker.id, "the executor was abandoned")
+            _signal_group(worker.pid, signal.SIGKILL)
 
 
-def _message(batch: Batch, run_id: int, job: bytes | None) -> bytes:
+def _message(batch: Batch, job: bytes | None) -> bytes:
     """The batch as bytes; inputs that cannot be pickled become error stand-ins."""
     try:
         items = cloudpickle.dumps(batch.items)
@@ -433,14 +554,14 @@ def _message(batch: Batch, run_id: int, job: bytes | None) -> bytes:
             except Exception as error:
                 checked.append(child.Unpicklable("arguments", error))
         items = cloudpickle.dumps(checked)
-    return pickle.dumps((batch.seq, run_id, job, len(batch.items), items))
+    return pickle.dumps((batch.seq, batch.run.serial, job, len(batch.items), items))
 
 
 def _unpickled(payload: bytes, count: int) -> Outcomes:
     """A worker's outcomes; if this process cannot unpickle them, errors saying so."""
     try:
         outcomes: Outcomes = pickle.loads(payload)
-    except Exception as error:
+    except BaseException as error:  # even SystemExit: it is the result's, not ours
         now = time.time()
         failure = Failure(
             "PicklingError", f"could not unpickle the result: {type(error).__name__}: {error}"
@@ -464,5 +585,5 @@ def _exception(data: bytes) -> BaseException | None:
     """A task's exception rebuilt here, or ``None`` if it cannot be."""
     try:
         return pickle.loads(data)
-    except Exception:
+    except BaseException:
         return None

@@ -1,58 +1,69 @@
 """Worker threads in this process.
 
-A thread cannot be killed. When a task runs past its timeout its thread is abandoned:
-the task is written off as ``"timeout"``, a fresh thread takes the worker's place, and
-the abandoned one is reported by ``workers_info`` until it returns and exits by itself.
+A thread cannot be killed. When the dispatcher stops one (a task past its timeout, a
+cancelled job, an initializer that hangs) the thread is *abandoned*: its task is
+written off, a fresh thread takes its place, and the abandoned one is reported by
+``workers_info`` until its call returns, when it exits without reporting anything.
+At most ``MAX_ABANDONED`` abandoned threads may run at once; past that no replacement
+starts until one returns.
+
+Ownership: the dispatcher thread calls every ``ThreadPool`` method and owns the pool's
+dicts and counters. A ``_Worker``'s ``state``, ``batch``, ``current`` and ``outcomes``
+are shared with its thread and guarded by its ``lock``: whoever moves the state first
+(the thread to IDLE, the dispatcher to ABANDONED) decides who reports the batch.
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
+from .. import hooks
 from ..admission import Admission
-from ..tasks import (
-    Batch,
-    Outcomes,
-    call,
-    call_async,
-    initializer_failure,
-    release_worker_thread,
-)
-from .base import Completed, Pool, Report, Running, WorkerLost
+from ..tasks import Batch, Outcomes, call, call_async, failure_of, release_worker_thread
+from .base import Completed, Pool, PoolBroken, Report, Running, WorkerGone, WorkerReady
 
 PREFETCH = 2  # batches queued per worker, so a worker never waits for the dispatcher
 
 
+class ThreadState(enum.Enum):
+    STARTING = "starting"  # running the initializer
+    IDLE = "idle"  # waiting for a batch
+    BUSY = "busy"  # running a batch
+    ABANDONED = "abandoned"  # written off by the dispatcher; exits when its call returns
+
+
 class _Worker:
-    """One worker thread and what it is doing; ``lock`` guards the task fields."""
+    """One worker thread; ``lock`` guards ``state``, ``batch``, ``current``, ``outcomes``."""
 
     __slots__ = (
-        "abandoned",
         "batch",
+        "current",
         "done",
         "errors",
         "id",
         "lock",
         "native_id",
         "outcomes",
-        "position",
-        "started",
+        "since",
+        "state",
         "thread",
     )
 
     def __init__(self, worker_id: str) -> None:
         self.id = worker_id
         self.lock = threading.Lock()
+        self.state = ThreadState.STARTING
+        self.since = time.monotonic()  # when the current state began
         self.batch: Batch | None = None
-        self.position = 0
-        self.started = 0.0
+        self.current: tuple[int, float] | None = None  # (position, monotonic start)
         self.outcomes = Outcomes.empty()
-        self.abandoned = False
         self.done = 0
         self.errors = 0
         self.native_id: int | None = None
@@ -72,6 +83,7 @@ class ThreadPool(Pool):
         initializer: Callable[..., Any] | None = None,
         initargs: tuple = (),
     ) -> None:
+        self._size = workers
         self._report = report
         self._admission = admission
         self._initializer = initializer
@@ -79,8 +91,11 @@ class ThreadPool(Pool):
         self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._workers: dict[str, _Worker] = {}
         self._abandoned: list[_Worker] = []
-        self._in_flight = 0
+        self._max_abandoned = max(32, 4 * workers)
+        self._warned = False
+        self._in_flight = 0  # batches queued or running
         self._serial = 0
+        self._closing = False
         self._pid = os.getpid()
         for _ in range(workers):
             self._spawn()
@@ -91,78 +106,105 @@ class ThreadPool(Pool):
         worker.thread = threading.Thread(
             target=self._work, args=(worker,), name=f"cellpool-{worker.id}", daemon=True
         )
+        worker.thread.cellpool_pool = id(self)  # type: ignore[attr-defined]  # see owns()
         self._workers[worker.id] = worker
         worker.thread.start()
 
+    # -- the worker threads --------------------------------------------------------
+
     def _work(self, worker: _Worker) -> None:
         try:
-            self._serve(worker)
+            if self._start(worker):
+                self._serve(worker)
         finally:
             release_worker_thread()
 
-    def _serve(self, worker: _Worker) -> None:
+    def _start(self, worker: _Worker) -> bool:
         worker.native_id = threading.get_native_id()
-        init_failure = None
         if self._initializer is not None:
             try:
                 self._initializer(*self._initargs)
-            except Exception as exc:  # as in a process: its tasks fail, the pool goes on
-                init_failure = initializer_failure(exc)
-        while True:
-            batch = self._queue.get()
-            if batch is None:
-                return
-            run = batch.run
-            if init_failure is not None:
-                outcomes = Outcomes.empty()
-                for _ in batch.items:
-                    outcomes.add((None, init_failure, False, time.time(), time.time()))
-                self._report(Completed(batch, 0, outcomes, worker.id, self._pid))
-                continue
-            if run.is_async:
-                self._run_async(worker, batch)
-                continue
-            for position, item in enumerate(batch.items):
-                if run.cancelled:
-                    break
-                with worker.lock:
-                    worker.batch, worker.position, worker.started = batch, position, time.time()
-                result = call(run.fn, item, run.star, run.retry_on)
-                with worker.lock:
-                    if worker.abandoned:
-                        return  # the dispatcher wrote this task off and moved on
-                    worker.outcomes.add(result)
-                    worker.done += 1
-                    worker.errors += result[1] is not None
+            except BaseException as exc:
+                failure = failure_of(exc)
+                self._report(PoolBroken(f"the initializer failed: {failure.error_type}: {exc}"))
+                return False
+        with worker.lock:
+            if worker.state is ThreadState.ABANDONED:
+                return False
+            worker.state, worker.since = ThreadState.IDLE, time.monotonic()
+        self._report(WorkerReady(worker.id))
+        return True
+
+    def _serve(self, worker: _Worker) -> None:
+        while (batch := self._queue.get()) is not None:
             with worker.lock:
-                outcomes, worker.outcomes, worker.batch = worker.outcomes, Outcomes.empty(), None
+                worker.state, worker.batch = ThreadState.BUSY, batch
+            if batch.run.is_async:
+                finished = self._run_async(worker, batch)
+            else:
+                finished = self._run_batch(worker, batch)
+            if not finished:
+                return  # abandoned: the dispatcher wrote this batch off and moved on
+            hooks.at("thread.batch-ran")
+            with worker.lock:
+                if worker.state is ThreadState.ABANDONED:
+                    return
+                outcomes, worker.outcomes = worker.outcomes, Outcomes.empty()
+                worker.state, worker.batch, worker.since = ThreadState.IDLE, None, time.monotonic()
             self._report(Completed(batch, 0, outcomes, worker.id, self._pid))
 
-    def _run_async(self, worker: _Worker, batch: Batch) -> None:
+    def _run_batch(self, worker: _Worker, batch: Batch) -> bool:
+        run = batch.run
+        for position, item in enumerate(batch.items):
+            if run.cancelled:
+                break
+            with worker.lock:
+                worker.current = (position, time.monotonic())
+            result = call(run.fn, item, run.star, run.retry_on)
+            with worker.lock:
+                if worker.state is ThreadState.ABANDONED:
+                    return False
+                worker.current = None
+                worker.outcomes.add(result)
+                worker.done += 1
+                worker.errors += result[1] is not None
+        return True
+
+    def _run_async(self, worker: _Worker, batch: Batch) -> bool:
         """The batch's coroutines together on this thread's event loop."""
         run = batch.run
-        with worker.lock:
-            worker.batch, worker.position, worker.started = batch, 0, time.time()
+
+        def on_step(position: int, started: float) -> None:
+            with worker.lock:
+                worker.current = None if position < 0 else (position, started)
+
         outcomes = call_async(
-            run.fn, run.star, batch.items, run.retry_on, run.timeout, lambda item: None
+            run.fn, run.star, batch.items, run.retry_on, run.timeout, lambda item: None, on_step
         )
         with worker.lock:
-            worker.batch = None
+            if worker.state is ThreadState.ABANDONED:
+                return False
+            worker.outcomes = outcomes
             worker.done += len(outcomes.values)
             worker.errors += len(outcomes.failures)
-        self._report(Completed(batch, 0, outcomes, worker.id, self._pid))
+        return True
 
     # -- the dispatcher's side -----------------------------------------------------
 
     def _paused(self) -> str | None:
         """Threads share their process: its memory and fds pause them all together."""
+        if not self._workers:
+            return None
         any_thread = next(iter(self._workers))
         return self._admission.machine_pause() or self._admission.worker_pause(any_thread)
 
-    def capacity(self) -> int:
-        if self._paused() is not None:
+    def capacity(self, prefetch: bool = True) -> int:
+        if self._paused() is not None or self._closing:
             return 0
-        return PREFETCH * len(self._workers) - self._in_flight
+        if prefetch:
+            return PREFETCH * len(self._workers) - self._in_flight
+        ready = sum(w.state is not ThreadState.STARTING for w in self._workers.values())
+        return ready - self._in_flight
 
     def pause_reasons(self) -> list[str]:
         paused = self._paused()
@@ -172,70 +214,99 @@ class ThreadPool(Pool):
         self._in_flight += 1
         self._queue.put(batch)
 
-    def settle(self, event: Completed | WorkerLost) -> None:
-        if isinstance(event, WorkerLost) or event.final:
+    def settle(self, event: Completed | WorkerGone) -> None:
+        if isinstance(event, WorkerGone):
+            self._in_flight -= bool(event.running)
+        elif event.final:
             self._in_flight -= 1
 
     def running(self) -> list[Running]:
         busy = []
         for worker in self._workers.values():
             with worker.lock:
-                if worker.batch is not None:
-                    busy.append(Running(worker.id, worker.batch, worker.position, worker.started))
+                batch, current = worker.batch, worker.current
+            if batch is not None and current is not None:
+                busy.append(Running(worker.id, batch, current[0], current[1]))
         return busy
 
-    def stop(
-        self, worker: str, status: str, reason: str, task: tuple[int, int] | None = None
-    ) -> None:
-        if status != "timeout":
-            return  # a running thread cannot be stopped; its outcome will be ignored
-        stuck = self._workers[worker]
+    def starting(self) -> list[tuple[str, float]]:
+        return [(w.id, w.since) for w in self._workers.values() if w.state is ThreadState.STARTING]
+
+    def stop(self, worker: str, why: str, task: tuple[int, int] | None = None) -> bool:
+        stuck = self._workers.get(worker)
+        if stuck is None:
+            return False
         with stuck.lock:
-            batch, position, finished = stuck.batch, stuck.position, stuck.outcomes
-            if batch is None or (task is not None and (batch.seq, position) != task):
-                return  # that task ended meanwhile: nothing to abandon
-            stuck.abandoned = True
-            stuck.outcomes = Outcomes.empty()
+            batch, current, starting = stuck.batch, stuck.current, stuck.state
+            if starting is ThreadState.STARTING:
+                running = []
+            elif batch is None or current is None:
+                return False  # between tasks: the task it was stopped for has ended
+            elif task is not None and (batch.seq, current[0]) != task:
+                return False
+            else:
+                running = [(batch, current[0])]
+            stuck.state = ThreadState.ABANDONED
+            finished, stuck.outcomes = stuck.outcomes, Outcomes.empty()
         del self._workers[worker]
         self._abandoned.append(stuck)
-        self._spawn()
-        if batch is None:
-            return
-        if finished.values:
+        self._replace()
+        if batch is not None and finished.values:
             self._report(Completed(batch, 0, finished, worker, self._pid, final=False))
-        self._report(
-            WorkerLost(
-                worker,
-                self._pid,
-                status,
-                reason,
-                culprits=[(batch, position)],
-                unfinished=[(batch, position + 1)],
+        unreported = [] if batch is None or current is None else [(batch, current[0] + 1)]
+        ready = starting is not ThreadState.STARTING
+        self._report(WorkerGone(worker, self._pid, why, ready, running, None, unreported))
+        return True
+
+    def _replace(self) -> None:
+        """Start threads up to the pool's size, unless too many abandoned ones still run."""
+        self._abandoned = [w for w in self._abandoned if w.thread and w.thread.is_alive()]
+        if len(self._abandoned) >= self._size and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"cellpool: {len(self._abandoned)} threads still run tasks that were stopped "
+                "(threads cannot be killed); use kind='process' to have them killed",
+                RuntimeWarning,
+                stacklevel=1,
             )
-        )
+        while (
+            not self._closing
+            and len(self._workers) < self._size
+            and len(self._abandoned) < self._max_abandoned
+        ):
+            self._spawn()
+
+    def tick(self) -> None:
+        if len(self._workers) < self._size:
+            self._replace()
 
     def workers_info(self) -> list[dict[str, Any]]:
-        now = time.time()
+        now = time.monotonic()
         self._abandoned = [w for w in self._abandoned if w.thread and w.thread.is_alive()]
         paused = self._paused()
         rows = []
         for worker in [*self._workers.values(), *self._abandoned]:
             with worker.lock:
-                batch, position, started = worker.batch, worker.position, worker.started
-            if worker.abandoned:
-                state, reason = "abandoned", "ran past its timeout; the thread cannot be killed"
-            elif batch is not None:
-                state, reason = "busy", None
+                state, batch, current = worker.state, worker.batch, worker.current
+            reason = None
+            if state is ThreadState.ABANDONED:
+                reason = "stopped while running; the thread cannot be killed"
+                shown = "abandoned"
+            elif state is ThreadState.BUSY:
+                shown = "busy"
+            elif state is ThreadState.STARTING:
+                shown = "starting"
             else:
-                state, reason = ("idle", None) if paused is None else ("paused", paused)
+                shown, reason = ("idle", None) if paused is None else ("paused", paused)
+            running = batch is not None and current is not None
             rows.append(
                 {
                     "worker": worker.id,
                     "pid": self._pid,
                     "native_id": worker.native_id,
-                    "state": state,
-                    "task": batch.indices[position] if batch is not None else None,
-                    "task_seconds": now - started if batch is not None else None,
+                    "state": shown,
+                    "task": batch.indices[current[0]] if running else None,  # type: ignore[index, union-attr]
+                    "task_seconds": now - current[1] if running else None,  # type: ignore[index]
                     "done": worker.done,
                     "errors": worker.errors,
                     "reason": reason,
@@ -244,14 +315,19 @@ class ThreadPool(Pool):
         return rows
 
     def abandoned_threads(self) -> list[threading.Thread]:
-        """Threads written off after a timeout that are still running their task."""
+        """Threads written off that are still running their task."""
         return [w.thread for w in self._abandoned if w.thread and w.thread.is_alive()]
 
-    def shutdown(self, wait: bool) -> None:
-        workers = list(self._workers.values())
-        for _ in workers:
-            self._queue.put(None)
-        if wait:
-            for worker in workers:
-                if worker.thread is not None:
-                    worker.thread.join()
+    def owns(self, thread: threading.Thread) -> bool:
+        """True for this pool's worker threads (which must not wait for the pool); safe
+        from any thread: it reads only the thread's own mark."""
+        return getattr(thread, "cellpool_pool", None) == id(self)
+
+    def close(self, cancel_running: bool) -> None:
+        if not self._closing:
+            self._closing = True
+            for _ in self._workers:
+                self._queue.put(None)
+
+    def closed(self) -> bool:
+        return all(not (w.thread and w.thread.is_alive()) for w in self._workers.values())

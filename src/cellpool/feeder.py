@@ -1,0 +1,122 @@
+"""Reading a run's input on a thread of its own, so the dispatcher never runs user code.
+
+A user's iterator can block (a slow generator, a network stream) or raise. The feeder
+thread reads it into a buffer, never past the *allowance* the dispatcher grants (the
+number of items the run may have read so far, which keeps memory bounded), and tells
+the dispatcher when items arrive or the input ends. The dispatcher only takes from the
+buffer, which never blocks.
+
+Ownership: ``_buffer``, ``_read``, ``_allowance``, ``_state`` and ``error`` are guarded
+by ``_lock``; the iterator itself is touched only by the feeder thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+CHUNK = 512  # the most items read between two looks at the allowance
+
+
+class FeederState(enum.Enum):
+    READING = "reading"  # reads while under its allowance
+    DRAINING = "draining"  # the run was cancelled: read the rest (a sized input) for records
+    ENDED = "ended"  # the input ran out or raised (``error``)
+    STOPPED = "stopped"  # told to stop: reads nothing more
+
+
+class Feeder:
+    """Reads ``items`` ahead of the dispatcher; ``on_change`` is called (from the feeder
+    thread, and it must not block) whenever items arrive or the input ends."""
+
+    def __init__(self, items: Iterator[Any], on_change: Callable[[], None], name: str) -> None:
+        self._items = items
+        self._on_change = on_change
+        self._lock = threading.Lock()
+        self._wanted = threading.Condition(self._lock)
+        self._buffer: deque[Any] = deque()
+        self._allowance = 0  # items the feeder may have read in all
+        self._read = 0
+        self._state = FeederState.READING
+        self.error: BaseException | None = None  # what iterating the input raised
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while self._state is FeederState.READING and self._read >= self._allowance:
+                    self._wanted.wait()
+                if self._state not in (FeederState.READING, FeederState.DRAINING):
+                    return
+                want = CHUNK
+                if self._state is FeederState.READING:
+                    want = min(CHUNK, self._allowance - self._read)
+            chunk: list[Any] = []
+            error = None
+            try:
+                chunk.extend(itertools.islice(self._items, want))  # user code, no lock held
+            except BaseException as exc:  # even SystemExit: it is the input's, not ours
+                error = exc  # what the chunk got before it still counts
+            with self._lock:
+                if self._state is FeederState.STOPPED:
+                    return
+                self._buffer.extend(chunk)
+                self._read += len(chunk)
+                if error is not None or len(chunk) < want:
+                    self.error = error
+                    self._state = FeederState.ENDED
+            self._on_change()
+            if self._state is FeederState.ENDED:
+                return
+
+    def grant(self, allowance: int) -> None:
+        """Let the feeder read until it has read ``allowance`` items in all."""
+        with self._lock:
+            if allowance > self._allowance:
+                self._allowance = allowance
+                self._wanted.notify()
+
+    def take(self, count: int) -> list[Any]:
+        """Up to ``count`` items read so far (never blocks)."""
+        with self._lock:
+            if count >= len(self._buffer):
+                taken = list(self._buffer)
+                self._buffer.clear()
+                return taken
+            return [self._buffer.popleft() for _ in range(count)]
+
+    def buffered(self) -> int:
+        with self._lock:
+            return len(self._buffer)
+
+    @property
+    def starved(self) -> bool:
+        """True while the feeder waits for a larger allowance (a plain read, no lock)."""
+        return self._state is FeederState.READING and self._read >= self._allowance
+
+    def ended(self) -> bool:
+        """True once the input has run out, raised or was stopped, and every item read
+        was taken."""
+        with self._lock:
+            return self._state in (FeederState.ENDED, FeederState.STOPPED) and not self._buffer
+
+    def drain(self) -> None:
+        """Read the rest of the input regardless of the allowance (for a cancelled run
+        over a sized input, whose every item gets a record)."""
+        with self._lock:
+            if self._state is FeederState.READING:
+                self._state = FeederState.DRAINING
+                self._wanted.notify()
+
+    def stop(self) -> None:
+        """Read nothing more (what was read stays to be taken). A thread blocked in the
+        user's iterator ends when that returns."""
+        with self._lock:
+            if self._state is not FeederState.ENDED:
+                self._state = FeederState.STOPPED
+            self._wanted.notify()

@@ -1,0 +1,200 @@
+"""A run: one stream of tasks (a ``run``, ``start`` or ``map`` call, or one ``submit``).
+
+Ownership: every field is written by the dispatcher thread alone. Other threads read
+the counters (``done``, ``failed``, ``cancelled_tasks``, ``in_flight``), ``state`` and
+``finished``: each is a single reference or int, so a reader sees a recent value, never
+a torn one. The input is read by the run's ``Feeder`` thread (``feeder.py``).
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+from .feeder import Feeder
+from .tasks import Batch
+
+
+class RunState(enum.Enum):
+    ACTIVE = "active"  # reads its input and dispatches it
+    FINISHING = "finishing"  # reads no more input; what was taken finishes and is recorded
+    CANCELLED = "cancelled"  # stopped: what was taken and not finished is recorded cancelled
+    DONE = "done"  # every input taken has its record and the sink is finished
+
+
+class StopMode(enum.Enum):
+    """What a cancel does to the run's tasks that are running."""
+
+    KILL = "kill"  # stop them (a process is killed, a thread abandoned): "cancelled"
+    DROP = "drop"  # record them "cancelled" now and ignore their outcome when it comes
+    FINISH = "finish"  # let them finish and record their outcome; start nothing more
+
+
+class Sink(Protocol):
+    """Where a run's records go: a Results, an ordered value stream, or a Future."""
+
+    def put(self, done: Any) -> None: ...
+
+    def put_many(self, done: Any) -> None: ...
+
+    def buffered(self) -> int: ...
+
+    def finish(self, run: Run) -> None: ...
+
+
+class ReadyInput:
+    """Inputs already in memory (one ``submit``): the ``Feeder`` interface, no thread."""
+
+    error = None
+
+    def __init__(self, items: list[Any]) -> None:
+        self._items = items
+
+    def take(self, count: int) -> list[Any]:
+        taken, self._items = self._items[:count], self._items[count:]
+        return taken
+
+    def buffered(self) -> int:
+        return len(self._items)
+
+    def ended(self) -> bool:
+        return not self._items
+
+    def grant(self, allowance: int) -> None:
+        pass
+
+    def drain(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass  # what is left is taken, and recorded, by the dispatcher
+
+    starved = False
+
+
+_run_serials = itertools.count(1)
+
+
+class Run:
+    """One stream of tasks and its counters; see the module docstring for ownership.
+
+    ``star`` means each item is a tuple of arguments (several iterables, or ``submit``).
+    ``sized`` means ``total`` is the input's own length: a cancelled run then reads the
+    rest of the input to give every item a ``"cancelled"`` record.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        items: Iterator[Any] | list[Any],
+        star: bool,
+        total: int | None,
+        sized: bool,
+        sink: Sink,
+        *,
+        timeout: float | None,
+        retries: int,
+        retry_on: tuple[type[BaseException], ...],
+        max_pending: int,
+        concurrency: int = 1,
+        future: Future[Any] | None = None,
+        on_input: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.serial = next(_run_serials)
+        # async def tasks run a batch at a time on a worker's event loop: the batch is
+        # as large as the coroutines each worker keeps in flight
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.concurrency = concurrency
+        self.fn = fn
+        self.star = star
+        self.total = total
+        self.sized = sized
+        self.sink = sink
+        self.timeout = timeout
+        self.retries = retries
+        self.retry_on = retry_on
+        self.max_pending = max_pending
+        self.future = future  # a submit's: it enters RUNNING when its batch is sent
+        self.input: Feeder | ReadyInput = (
+            ReadyInput(items)
+            if isinstance(items, list)
+            else Feeder(items, on_input, f"cellpool-feeder-{self.serial}")
+        )
+        self.state = RunState.ACTIVE
+        self.leftover: tuple[str, Any] | None = None  # once stopped: (status, Failure) for
+        # the inputs read and never dispatched
+        self.next_index = 0
+        self.in_flight = 0  # taken from the input and not yet recorded
+        self.input_error: BaseException | None = None
+        self.done = 0
+        self.failed = 0  # recorded as error, timeout or crashed
+        self.cancelled_tasks = 0
+        self.item_seconds: float | None = None
+        self.created = time.monotonic()
+        self.finished = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        """Read by worker threads to skip the rest of a batch."""
+        return self.state is RunState.CANCELLED
+
+    def accepts_retries(self) -> bool:
+        return self.state is RunState.ACTIVE
+
+    def count(self, status: str, n: int) -> None:
+        """Add ``n`` records of ``status`` to the counters the views show."""
+        self.in_flight -= n
+        self.done += n
+        if status == "cancelled":
+            self.cancelled_tasks += n
+        elif status != "ok":
+            self.failed += n
+
+    def grant(self) -> None:
+        """Let the feeder read so that taken-and-unrecorded tasks, items it holds and
+        results waiting to be consumed stay within ``max_pending``."""
+        self.input.grant(self.done - self.sink.buffered() + self.max_pending)
+
+    def observe(self, started: float, finished: float, count: int) -> None:
+        """Fold the measured time per task into a moving average."""
+        seconds = (finished - started) / count
+        if self.item_seconds is None:
+            self.item_seconds = seconds
+        else:
+            self.item_seconds = 0.8 * self.item_seconds + 0.2 * seconds
+
+    def batch_size(self, workers: int, target_seconds: float) -> int:
+        if self.future is not None:
+            return 1
+        if self.is_async:
+            return max(1, min(self.concurrency, self.max_pending // (2 * workers)))
+        if self.item_seconds is None:
+            return 1  # measure before batching
+        # A batch holds about target_seconds of work, so the last ones leave workers idle
+        # for no longer than that: no need to shrink them near the end.
+        size = int(target_seconds / max(self.item_seconds, 1e-7))
+        return max(1, min(size, self.max_pending // (2 * workers)))
+
+    def take(self, count: int) -> Batch | None:
+        """A fresh batch of up to ``count`` inputs read so far, or ``None`` if none are."""
+        items = self.input.take(count)
+        if not items:
+            return None
+        first = self.next_index
+        self.next_index += len(items)
+        self.in_flight += len(items)
+        return Batch(self, range(first, self.next_index), items)
+
+    def input_ended(self) -> bool:
+        """True once no input is left to take (it ran out, raised, or was stopped)."""
+        if not self.input.ended():
+            return False
+        if self.input.error is not None and self.input_error is None:
+            self.input_error = self.input.error
+        return True
