@@ -300,7 +300,9 @@ def slow(x):
 
 if __name__ == "__main__":
     with cellpool.Executor("process", 2, start_method=sys.argv[1], progress="none") as ex:
-        print("pids", *[row["pid"] for row in ex.workers_info()], flush=True)
+        while None in (pids := [row["pid"] for row in ex.workers_info()]):
+            time.sleep(0.01)  # workers start in the background
+        print("pids", *pids, flush=True)
         ex.run(slow, range(10))
 """
 

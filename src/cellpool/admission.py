@@ -78,8 +78,11 @@ class Admission:
         return None
 
     def worker_pause(self, worker: str) -> str | None:
+        limited = self.limits.memory_limit is not None or self.limits.fd_limit is not None
         row = self._row(worker)
-        return None if row is None else self.pause(row.get("rss"), row.get("fds"))
+        if row is None or row.get("rss") is None:  # not measured yet (it is starting)
+            return "not measured yet" if limited else None
+        return self.pause(row.get("rss"), row.get("fds"))
 
     def worker_action(self, worker: str, busy: bool) -> tuple[str, str] | None:
         """``("kill" | "recycle", reason)`` for a worker that must go, else ``None``."""

@@ -52,6 +52,7 @@ class Deliveries:
             try:
                 fn(*args)
             finally:
+                del item, fn, args  # hold no result while waiting for the next one
                 with self._lock:
                     self._idle += 1
 

@@ -229,15 +229,10 @@ class Dispatcher:
             try:
                 event = self._events.get(timeout=self._wait())
                 while True:
-                    handler = self._handlers.get(type(event))
-                    if handler is not None:
-                        handler(event)
-                    else:  # an event of the pool's own threads: the pool says what it means
-                        for fact in self.pool.handle(event):
-                            self._handlers[type(fact)](fact)
+                    self._handle(event)
                     event = self._events.get_nowait()
             except queue.Empty:
-                pass
+                event = None  # hold nothing of a finished task while waiting
             self.pool.tick()
             self._expire()
             self._fill()
@@ -252,6 +247,14 @@ class Dispatcher:
             if self.state is DispatcherState.STOPPING and self.pool.closed():
                 self._publish(force=True)
                 return
+
+    def _handle(self, event: Any) -> None:
+        handler = self._handlers.get(type(event))
+        if handler is not None:
+            handler(event)
+            return
+        for fact in self.pool.handle(event):  # the pool's own threads: it says what they mean
+            self._handlers[type(fact)](fact)
 
     def _wait(self) -> float | None:
         """Block on the next event, but wake for timeouts and due retries."""
@@ -282,6 +285,7 @@ class Dispatcher:
         if self.state is DispatcherState.SERVING:
             self.state = DispatcherState.CLOSING
         if event.cancel_futures:
+            self._fill()  # what free workers can start now runs, as the standard library's
             for run in list(self._runs):
                 self._cancel(run, StopMode.FINISH)
         event.handled.set()
@@ -428,7 +432,9 @@ class Dispatcher:
             return
         name = error.__name__ if error is not None else "TaskCancelled"
         failure = CANCELLED if status == "cancelled" else Failure(name, reason)
-        self._complete(run, task, status, None, failure, gone.worker, gone.pid, None, time.time())
+        self._complete(
+            run, task, status, None, failure, gone.worker, gone.pid, finished=time.time()
+        )
 
     def _break(self, reason: str) -> None:
         """The pool can run nothing more: every run ends, its tasks recorded crashed."""
@@ -605,4 +611,5 @@ class Dispatcher:
         run.input.stop()
         run.state = RunState.DONE
         run.sink.finish(run)
+        run.fn = None  # type: ignore[assignment]  # a run's callable outlives no run
         run.finished.set()

@@ -141,8 +141,12 @@ class Run:
 
     @property
     def cancelled(self) -> bool:
-        """Read by worker threads to skip the rest of a batch."""
         return self.state is RunState.CANCELLED
+
+    @property
+    def stopped(self) -> bool:
+        """Read by worker threads to skip the rest of a batch."""
+        return self.state in (RunState.CANCELLED, RunState.DONE)
 
     def accepts_retries(self) -> bool:
         return self.state is RunState.ACTIVE

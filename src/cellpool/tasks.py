@@ -220,12 +220,13 @@ async def _one(
         value = await asyncio.wait_for(_marked(coro, position, began, on_step), timeout)
     except asyncio.TimeoutError:
         error = TaskTimeout(f"the task ran past its {timeout:g} s timeout")
+        finished = time.time()
         return (
             None,
             Failure(type(error).__name__, str(error), None, error),
             False,
             started,
-            time.time(),
+            finished,
         )
     except BaseException as exc:  # a task's SystemExit is its failure, not the worker's
         return (None, failure_of(exc), isinstance(exc, retry_on), started, time.time())

@@ -58,24 +58,39 @@ def default_start_method() -> str:
     return "forkserver" if "forkserver" in methods else "spawn"
 
 
+_hiding_lock = threading.Lock()
+_hiding: list[dict[str, Any]] = []  # what __main__ had, while workers start (a stack)
+
+
 @contextlib.contextmanager
 def _main_left_alone() -> Iterator[None]:
     """Keep multiprocessing from running the user's ``__main__`` again in a new worker.
 
     Workers get every function by value (cloudpickle), so they never need it; and a
     script without an ``if __name__ == "__main__"`` guard would start pools of its own.
+    Workers start on several threads at once: the first to start hides, the last to
+    finish restores.
     """
     main = sys.modules.get("__main__")
     if main is None:
         yield
         return
-    saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if name in vars(main)}
-    main.__dict__.pop("__file__", None)
-    main.__spec__ = None
+    with _hiding_lock:
+        if not _hiding:
+            names = ("__file__", "__spec__")
+            saved = {name: main.__dict__[name] for name in names if name in vars(main)}
+            main.__dict__.pop("__file__", None)
+            main.__spec__ = None
+        else:
+            saved = _hiding[0]
+        _hiding.append(saved)
     try:
         yield
     finally:
-        main.__dict__.update(saved)
+        with _hiding_lock:
+            _hiding.pop()
+            if not _hiding:
+                main.__dict__.update(saved)
 
 
 def _exit_reason(exitcode: int | None) -> str:
@@ -123,20 +138,29 @@ class _Outcomes:
 
 
 @dataclass(slots=True)
+class _Started:
+    worker: str
+    process: Any
+    conn: Any
+    slot: child.Slot
+
+
+@dataclass(slots=True)
 class _Exited:
     worker: str
     exitcode: int | None
+    why: str | None = None  # set when the process could not even start
 
 
 class _Worker:
     """One worker process as the dispatcher sees it."""
 
-    def __init__(self, worker_id: str, process: Any, conn: Any, slot: child.Slot) -> None:
+    def __init__(self, worker_id: str) -> None:
         self.id = worker_id
-        self.process = process
-        self.pid: int = process.pid
-        self.conn = conn
-        self.slot = slot
+        self.process: Any = None  # these four are set once its sender has started it
+        self.pid: int | None = None
+        self.conn: Any = None
+        self.slot: child.Slot | None = None
         self.state = WorkerState.STARTING
         self.since = time.monotonic()  # when the current state began
         self.outbox: queue.SimpleQueue[bytes | Batch | None] = queue.SimpleQueue()
@@ -188,6 +212,7 @@ class ProcessPool(Pool):
         self._close_deadline: float | None = None
         self._watch_lock = threading.Lock()
         self._watched: dict[str, tuple[Any, Any]] = {}  # reader's: id -> (conn, process)
+        self._unwatched = 0  # workers being started, not yet watched
         self._wake_r, self._wake_w = os.pipe()
         self._reader = threading.Thread(target=self._read, name="cellpool-reader", daemon=True)
         self._reader.start()
@@ -195,35 +220,48 @@ class ProcessPool(Pool):
             self._spawn()
 
     def _spawn(self) -> None:
+        """A new worker: its sender thread starts the process (which can take a while,
+        and pickles the initializer's arguments) and then writes its batches."""
         self._serial += 1
-        worker_id = f"p{self._serial}"
+        worker = _Worker(f"p{self._serial}")
+        worker.sender = threading.Thread(
+            target=self._start_and_send,
+            args=(worker,),
+            name=f"cellpool-sender-{worker.id}",
+            daemon=True,
+        )
+        self._workers[worker.id] = worker
+        with self._watch_lock:
+            self._unwatched += 1
+        worker.sender.start()
+
+    def _start_and_send(self, worker: _Worker) -> None:
         parent_end, child_end = self._ctx.Pipe(duplex=True)
         slot = child.Slot.create(self._ctx, self._threads)
         process = self._ctx.Process(
             target=child.main,
             args=(child_end, slot.shared, self._boot, self._threads),
-            name=f"cellpool-{worker_id}",
+            name=f"cellpool-{worker.id}",
             daemon=True,
         )
         try:
             with _main_left_alone():
                 process.start()
-        except BaseException:
+        except BaseException as error:
             parent_end.close()
             slot.close()
-            raise
+            self._report(_Exited(worker.id, None, f"the worker could not start: {error!r}"))
+            with self._watch_lock:
+                self._unwatched -= 1
+            return
         finally:
             child_end.close()
-        worker = _Worker(worker_id, process, parent_end, slot)
-        worker.sender = threading.Thread(
-            target=self._send_loop, args=(worker,), name=f"cellpool-sender-{worker_id}"
-        )
-        worker.sender.daemon = True
-        worker.sender.start()
-        self._workers[worker_id] = worker
+        self._report(_Started(worker.id, process, parent_end, slot))
         with self._watch_lock:
-            self._watched[worker_id] = (parent_end, process)
+            self._unwatched -= 1
+            self._watched[worker.id] = (parent_end, process)
         os.write(self._wake_w, b"w")
+        self._send_loop(worker, parent_end)
 
     # -- the reader thread ---------------------------------------------------------
 
@@ -231,7 +269,7 @@ class ProcessPool(Pool):
         while True:
             with self._watch_lock:
                 watched = dict(self._watched)
-                if self._closing and not watched:
+                if self._closing and not watched and not self._unwatched:
                     return
             conns = {conn: worker for worker, (conn, _) in watched.items()}
             sentinels = {p.sentinel: worker for worker, (_, p) in watched.items()}
@@ -271,7 +309,7 @@ class ProcessPool(Pool):
 
     # -- the sender threads --------------------------------------------------------
 
-    def _send_loop(self, worker: _Worker) -> None:
+    def _send_loop(self, worker: _Worker, conn: Any) -> None:
         while (batch := worker.outbox.get()) is not None:
             if isinstance(batch, bytes):
                 data = batch
@@ -280,7 +318,7 @@ class ProcessPool(Pool):
                 data = _message(batch, self._job(batch) if job else None)
             del batch
             with contextlib.suppress(OSError):  # it died: the reader reports it
-                worker.conn.send_bytes(data)
+                conn.send_bytes(data)
 
     def _job(self, batch: Batch) -> bytes:
         """The run's function, pickled once for every worker."""
@@ -312,8 +350,14 @@ class ProcessPool(Pool):
             return [
                 Completed(batch, event.start, event.outcomes, worker.id, worker.pid, event.final)
             ]
+        if isinstance(event, _Started):
+            worker.process, worker.pid = event.process, event.process.pid
+            worker.conn, worker.slot = event.conn, event.slot
+            if worker.state is WorkerState.STOPPING:  # stopped while it started
+                _signal_group(worker.pid, signal.SIGKILL)
+            return []
         if isinstance(event, _Exited):
-            return [self._gone(worker, event.exitcode)]
+            return [self._gone(worker, event.exitcode, event.why)]
         said = event.message[0]
         if said == "hello" and worker.state is WorkerState.STARTING:
             worker.state, worker.since = WorkerState.INITIALIZING, time.monotonic()
@@ -324,23 +368,24 @@ class ProcessPool(Pool):
             return [PoolBroken(f"the initializer failed: {event.message[1]}")]
         return []
 
-    def _gone(self, worker: _Worker, exitcode: int | None) -> WorkerGone:
+    def _gone(self, worker: _Worker, exitcode: int | None, why: str | None) -> WorkerGone:
         """What the worker left behind, read from its slot now that it is dead."""
         ready = worker.state not in (WorkerState.STARTING, WorkerState.INITIALIZING)
-        reason = worker.why if worker.state is WorkerState.STOPPING else _exit_reason(exitcode)
-        running = [
-            (worker.in_flight[seq], position)
-            for seq, position, _ in worker.slot.read()
-            if seq in worker.in_flight
-        ]
-        batch_phase = None
-        for phase, seq in worker.slot.phases():
-            if seq in worker.in_flight and not running:
-                batch_phase = (worker.in_flight[seq], Phase(phase))
+        if why is None:
+            stopped = worker.state is WorkerState.STOPPING
+            why = worker.why if stopped and worker.why else _exit_reason(exitcode)
+        running, batch_phase = [], None
+        if worker.slot is not None:
+            running = [
+                (worker.in_flight[seq], position)
+                for seq, position, _ in worker.slot.read()
+                if seq in worker.in_flight
+            ]
+            for phase, seq in worker.slot.phases():
+                if seq in worker.in_flight and not running:
+                    batch_phase = (worker.in_flight[seq], Phase(phase))
         unreported = [(batch, 0) for batch in worker.in_flight.values()]
-        return WorkerGone(
-            worker.id, worker.pid, reason or "", ready, running, batch_phase, unreported
-        )
+        return WorkerGone(worker.id, worker.pid or 0, why, ready, running, batch_phase, unreported)
 
     def settle(self, event: Completed | WorkerGone) -> None:
         worker = self._workers.get(event.worker)
@@ -371,11 +416,10 @@ class ProcessPool(Pool):
         """Workers that may take a batch now: ready, under their limits, not full."""
         if self._machine_pause is not None or self._closing:
             return []
-        return [
-            w
-            for w in self._workers.values()
-            if w.state is WorkerState.READY and w.id not in self._paused
-        ]
+        # A starting worker takes batches too: they wait in its pipe, as in the standard
+        # library's call queue, and run once its initializer has.
+        taking = (WorkerState.STARTING, WorkerState.INITIALIZING, WorkerState.READY)
+        return [w for w in self._workers.values() if w.state in taking and w.id not in self._paused]
 
     def capacity(self, prefetch: bool = True) -> int:
         room = PREFETCH * self._threads if prefetch else self._threads
@@ -423,7 +467,7 @@ class ProcessPool(Pool):
     def running(self) -> list[Running]:
         busy = []
         for worker in self._workers.values():
-            if worker.state is WorkerState.STOPPING:
+            if worker.state is WorkerState.STOPPING or worker.slot is None:
                 continue
             for seq, position, started in worker.slot.read():
                 batch = worker.in_flight.get(seq)
@@ -442,7 +486,8 @@ class ProcessPool(Pool):
             return False
         stopped.state, stopped.why = WorkerState.STOPPING, why
         stopped.kill_at = time.monotonic() + KILL_GRACE
-        _signal_group(stopped.pid, signal.SIGTERM)
+        if stopped.pid is not None:  # else it is killed as soon as it has started
+            _signal_group(stopped.pid, signal.SIGTERM)
         return True
 
     def tick(self) -> None:
@@ -454,7 +499,7 @@ class ProcessPool(Pool):
             if reason is not None:
                 self._paused[worker.id] = reason
         for worker in list(self._workers.values()):
-            if worker.kill_at is not None and now > worker.kill_at:
+            if worker.kill_at is not None and now > worker.kill_at and worker.pid is not None:
                 _signal_group(worker.pid, signal.SIGKILL)
                 worker.kill_at = None
             late = self._close_deadline is not None and now > self._close_deadline
@@ -474,15 +519,17 @@ class ProcessPool(Pool):
                     self._release(worker)
         for worker in [w for w in self._leaving if not (w.sender and w.sender.is_alive())]:
             self._leaving.remove(worker)
-            worker.conn.close()
-            worker.slot.close()
+            if worker.conn is not None:
+                worker.conn.close()
+                worker.slot.close()  # type: ignore[union-attr]
 
     def workers_info(self) -> list[dict[str, Any]]:
         rows = []
         now = time.monotonic()
         for worker in self._workers.values():
             task = started = None
-            for seq, position, since in worker.slot.read()[:1]:  # the first thread's task
+            running = [] if worker.slot is None else worker.slot.read()
+            for seq, position, since in running[:1]:  # the first thread's task
                 batch = worker.in_flight.get(seq)
                 if batch is not None:
                     task, started = batch.indices[position], since
@@ -538,7 +585,8 @@ class ProcessPool(Pool):
     def abandon(self) -> None:
         for worker in list(self._workers.values()):
             self.stop(worker.id, "the executor was abandoned")
-            _signal_group(worker.pid, signal.SIGKILL)
+            if worker.pid is not None:
+                _signal_group(worker.pid, signal.SIGKILL)
 
 
 def _message(batch: Batch, job: bytes | None) -> bytes:
@@ -562,14 +610,14 @@ def _unpickled(payload: bytes, count: int) -> Outcomes:
     try:
         outcomes: Outcomes = pickle.loads(payload)
     except BaseException as error:  # even SystemExit: it is the result's, not ours
-        now = time.time()
+        finished = time.time()
         failure = Failure(
             "PicklingError", f"could not unpickle the result: {type(error).__name__}: {error}"
         )
         return Outcomes(
             [None] * count,
-            [now] * count,
-            [now] * count,
+            [finished] * count,
+            [finished] * count,
             dict.fromkeys(range(count), (failure, False)),
         )
     for position, (failure, retryable) in outcomes.failures.items():

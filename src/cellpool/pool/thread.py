@@ -152,11 +152,12 @@ class ThreadPool(Pool):
                 outcomes, worker.outcomes = worker.outcomes, Outcomes.empty()
                 worker.state, worker.batch, worker.since = ThreadState.IDLE, None, time.monotonic()
             self._report(Completed(batch, 0, outcomes, worker.id, self._pid))
+            del batch, outcomes  # hold no task's values while waiting for the next batch
 
     def _run_batch(self, worker: _Worker, batch: Batch) -> bool:
         run = batch.run
         for position, item in enumerate(batch.items):
-            if run.cancelled:
+            if run.stopped:
                 break
             with worker.lock:
                 worker.current = (position, time.monotonic())
@@ -201,10 +202,7 @@ class ThreadPool(Pool):
     def capacity(self, prefetch: bool = True) -> int:
         if self._paused() is not None or self._closing:
             return 0
-        if prefetch:
-            return PREFETCH * len(self._workers) - self._in_flight
-        ready = sum(w.state is not ThreadState.STARTING for w in self._workers.values())
-        return ready - self._in_flight
+        return (PREFETCH if prefetch else 1) * len(self._workers) - self._in_flight
 
     def pause_reasons(self) -> list[str]:
         paused = self._paused()
