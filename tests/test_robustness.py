@@ -95,3 +95,22 @@ def test_a_total_hint_smaller_than_the_input_then_cancel():
         job.result(timeout=10)
         assert cellpool.run(abs, [-5], progress="none").values == [5]
         assert ex.submit(abs, -4).result(timeout=10) == 4  # the dispatcher is alive
+
+
+class UnprintableError(Exception):
+    def __str__(self):
+        raise RuntimeError("no text for this one")
+
+
+def raise_unprintable(x):
+    raise UnprintableError()
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_an_exception_that_cannot_be_printed_is_still_one_error_record(kind):
+    with Executor(kind, 2, progress="none") as ex:
+        results = ex.run(raise_unprintable, range(3))
+        assert ex.submit(abs, -3).result(timeout=30) == 3
+    assert [r.status for r in results] == ["error"] * 3
+    assert {r.error_type for r in results} == {"UnprintableError"}
+    assert "raise_unprintable" in results[0].traceback

@@ -247,10 +247,28 @@ def failure_of(exc: BaseException) -> Failure:
     """
     tb = exc.__traceback__
     tb = tb.tb_next if tb is not None else None
-    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    try:
+        message = str(exc)
+    except Exception:
+        message = f"<{type(exc).__name__} whose str() failed>"
+    try:
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+    except Exception:  # a broken __str__, or CPython 3.11's ast used by two threads at once
+        text = _plain_traceback(type(exc).__name__, message, tb)
     if tb is not None:
         traceback.clear_frames(tb)  # keep the exception, not every local of every frame
-    return Failure(type(exc).__name__, str(exc), text, exc)
+    return Failure(type(exc).__name__, message, text, exc)
+
+
+def _plain_traceback(name: str, message: str, tb: Any) -> str:
+    """A traceback formatted without the carets, whose computation may fail."""
+    lines = ["Traceback (most recent call last):\n"]
+    for frame in traceback.extract_tb(tb):
+        lines.append(f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}\n')
+        if frame.line:
+            lines.append(f"    {frame.line}\n")
+    lines.append(f"{name}: {message}\n")
+    return "".join(lines)
 
 
 def call(fn: Any, item: Any, star: bool, retry_on: tuple[type[BaseException], ...]) -> Result:

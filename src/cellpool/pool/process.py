@@ -422,7 +422,11 @@ class ProcessPool(Pool):
         return [w for w in self._workers.values() if w.state in taking and w.id not in self._paused]
 
     def capacity(self, prefetch: bool = True) -> int:
-        room = PREFETCH * self._threads if prefetch else self._threads
+        # Under a memory or fd limit a batch is sent only as a thread frees, so the
+        # limits are checked just before it starts, not a prefetch earlier.
+        limits = self._admission.limits
+        limited = limits.memory_limit is not None or limits.fd_limit is not None
+        room = PREFETCH * self._threads if prefetch and not limited else self._threads
         return sum(max(0, room - len(w.in_flight)) for w in self._takers())
 
     def pause_reasons(self) -> list[str]:
