@@ -509,15 +509,15 @@ class ProcessPool(Pool):
             late = self._close_deadline is not None and now > self._close_deadline
             if late and not worker.in_flight:
                 self.stop(worker.id, "it did not exit at shutdown")
-            if worker.state is not WorkerState.READY:
+            if worker.state not in (WorkerState.READY, WorkerState.RETIRING):
                 continue
             action = self._admission.worker_action(worker.id, busy=bool(worker.in_flight))
             if action is None:
                 continue
             verdict, reason = action
-            if verdict == "kill":
+            if verdict == "kill":  # a recycling worker too: it may grow on past the limit
                 self.stop(worker.id, reason)
-            else:
+            elif worker.state is WorkerState.READY:
                 worker.state, worker.why = WorkerState.RETIRING, reason
                 if not worker.in_flight:
                     self._release(worker)
