@@ -34,7 +34,6 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -43,7 +42,7 @@ from .admission import Admission
 from .delivery import Deliveries
 from .errors import BrokenPool, TaskTimeout, WorkerCrashed
 from .monitor import Monitor
-from .pool.base import Completed, Phase, Pool, PoolBroken, WorkerGone, WorkerReady
+from .pool.base import Changed, Completed, Phase, Pool, PoolBroken, WorkerGone, WorkerReady
 from .results import Failure
 from .runs import Run, RunState, StopMode
 from .sinks import Finished, FinishedBatch
@@ -175,15 +174,16 @@ class Dispatcher:
         self._start_failures = 0
         self._published = 0.0
         self._shutdowns: list[Shutdown] = []
-        self._handlers: dict[type, Callable[[Any], None]] = {
-            AddRun: self._add_run,
-            CancelRun: lambda event: self._cancel(event.run, event.mode),
-            Completed: self._completed,
-            WorkerReady: self._worker_ready,
-            WorkerGone: self._worker_gone,
-            PoolBroken: lambda event: self._break(event.reason),
-            Wake: lambda event: None,
-            Shutdown: self._shutdown,
+        self._handlers: dict[type, str] = {  # names, not bound methods: no cycle
+            AddRun: "_add_run",
+            CancelRun: "_cancel_run",
+            Completed: "_completed",
+            WorkerReady: "_worker_ready",
+            WorkerGone: "_worker_gone",
+            PoolBroken: "_pool_broken",
+            Wake: "_wake",
+            Changed: "_wake",
+            Shutdown: "_shutdown",
         }
         self.thread = threading.Thread(target=self._loop, name="cellpool-dispatcher", daemon=True)
 
@@ -251,10 +251,10 @@ class Dispatcher:
     def _handle(self, event: Any) -> None:
         handler = self._handlers.get(type(event))
         if handler is not None:
-            handler(event)
+            getattr(self, handler)(event)
             return
         for fact in self.pool.handle(event):  # the pool's own threads: it says what they mean
-            self._handlers[type(fact)](fact)
+            getattr(self, self._handlers[type(fact)])(fact)
 
     def _wait(self) -> float | None:
         """Block on the next event, but wake for timeouts and due retries."""
@@ -270,6 +270,15 @@ class Dispatcher:
             self._published = now
 
     # -- events --------------------------------------------------------------------
+
+    def _cancel_run(self, event: CancelRun) -> None:
+        self._cancel(event.run, event.mode)
+
+    def _pool_broken(self, event: PoolBroken) -> None:
+        self._break(event.reason)
+
+    def _wake(self, event: Wake) -> None:
+        pass  # the loop looks at everything after each batch of events
 
     def _add_run(self, event: AddRun) -> None:
         run = event.run
@@ -376,12 +385,12 @@ class Dispatcher:
     def _worker_gone(self, gone: WorkerGone) -> None:
         """One place decides what the tasks of a worker that stopped get."""
         order = self._stops.pop(gone.worker, None)
-        self.pool.settle(gone)
         if not gone.ready:
             self._start_failures += 1
             reason = order.reason if order is not None else gone.reason
             if self._start_failures >= START_FAILURES:
                 self._break(f"{START_FAILURES} workers in a row failed to start: {reason}")
+        self.pool.settle(gone)  # which replaces the worker, unless the pool is broken
         for batch, position in gone.running:
             task_id = (batch.seq, position)
             if order is None:
@@ -443,6 +452,7 @@ class Dispatcher:
         self.broken = BrokenPool(f"the pool is broken: {reason}")
         for run in list(self._runs):
             self._break_run(run)
+        self.pool.close(cancel_running=True)  # nothing more will run: start nothing more
 
     def _break_run(self, run: Run) -> None:
         assert self.broken is not None
@@ -528,7 +538,8 @@ class Dispatcher:
         """Order a stop for each task past its run's timeout, and for each worker whose
         start (its initializer) has taken longer than the executor's timeout."""
         now = time.monotonic()
-        for busy in self.pool.running():
+        timed = any(run.timeout is not None for run in self._runs)
+        for busy in self.pool.running() if timed else ():
             timeout = busy.batch.run.timeout
             if busy.worker in self._stops or busy.batch.closed or timeout is None:
                 continue

@@ -6,8 +6,10 @@ number of items the run may have read so far, which keeps memory bounded), and t
 the dispatcher when items arrive or the input ends. The dispatcher only takes from the
 buffer, which never blocks.
 
-Ownership: ``_buffer``, ``_read``, ``_allowance``, ``_state`` and ``error`` are guarded
-by ``_lock``; the iterator itself is touched only by the feeder thread.
+Ownership: ``_read``, ``_allowance``, ``_state`` and ``error`` are guarded by ``_lock``;
+the iterator is touched only by the feeder thread. ``_buffer`` is a deque the feeder
+appends to and the dispatcher pops from, each operation atomic, so an item is there
+to take the moment it is read.
 """
 
 from __future__ import annotations
@@ -56,22 +58,25 @@ class Feeder:
                 want = CHUNK
                 if self._state is FeederState.READING:
                     want = min(CHUNK, self._allowance - self._read)
-            chunk: list[Any] = []
+            count = 0
             error = None
             try:
-                chunk.extend(itertools.islice(self._items, want))  # user code, no lock held
+                for item in itertools.islice(self._items, want):  # user code, no lock held
+                    self._buffer.append(item)  # atomic: the dispatcher may take it at once
+                    count += 1
+                    if count == 1:
+                        self._on_change()  # the input may block before the chunk is full
             except BaseException as exc:  # even SystemExit: it is the input's, not ours
                 error = exc  # what the chunk got before it still counts
             with self._lock:
-                if self._state is FeederState.STOPPED:
-                    return
-                self._buffer.extend(chunk)
-                self._read += len(chunk)
-                if error is not None or len(chunk) < want:
+                self._read += count
+                ran_out = error is not None or count < want
+                if ran_out and self._state is not FeederState.STOPPED:
                     self.error = error
                     self._state = FeederState.ENDED
+                done = self._state in (FeederState.ENDED, FeederState.STOPPED)
             self._on_change()
-            if self._state is FeederState.ENDED:
+            if done:
                 return
 
     def grant(self, allowance: int) -> None:
@@ -82,17 +87,12 @@ class Feeder:
                 self._wanted.notify()
 
     def take(self, count: int) -> list[Any]:
-        """Up to ``count`` items read so far (never blocks)."""
-        with self._lock:
-            if count >= len(self._buffer):
-                taken = list(self._buffer)
-                self._buffer.clear()
-                return taken
-            return [self._buffer.popleft() for _ in range(count)]
+        """Up to ``count`` items read so far (never blocks; the feeder may be appending)."""
+        buffer = self._buffer
+        return [buffer.popleft() for _ in range(min(count, len(buffer)))]
 
     def buffered(self) -> int:
-        with self._lock:
-            return len(self._buffer)
+        return len(self._buffer)
 
     @property
     def starved(self) -> bool:

@@ -140,13 +140,18 @@ class Run:
         self.finished = threading.Event()
 
     @property
-    def cancelled(self) -> bool:
-        return self.state is RunState.CANCELLED
+    def state(self) -> RunState:
+        return self._state
+
+    @state.setter
+    def state(self, state: RunState) -> None:
+        self._state = state
+        # read by worker threads before each task: a plain attribute is the cheapest read
+        self.stopped = state in (RunState.CANCELLED, RunState.DONE)
 
     @property
-    def stopped(self) -> bool:
-        """Read by worker threads to skip the rest of a batch."""
-        return self.state in (RunState.CANCELLED, RunState.DONE)
+    def cancelled(self) -> bool:
+        return self.state is RunState.CANCELLED
 
     def accepts_retries(self) -> bool:
         return self.state is RunState.ACTIVE

@@ -75,6 +75,12 @@ class PoolBroken:
 
 
 @dataclass(slots=True)
+class Changed:
+    """One of the pool's threads ended (or the like): the dispatcher should look again,
+    say at whether the pool has closed."""
+
+
+@dataclass(slots=True)
 class Running:
     """A task a worker is running now; ``started`` is on the ``time.monotonic()`` clock."""
 

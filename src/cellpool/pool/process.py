@@ -45,7 +45,17 @@ from ..admission import Admission
 from ..results import Failure
 from ..shipping import ship
 from ..tasks import Batch, Outcomes
-from .base import Completed, Phase, Pool, PoolBroken, Report, Running, WorkerGone, WorkerReady
+from .base import (
+    Changed,
+    Completed,
+    Phase,
+    Pool,
+    PoolBroken,
+    Report,
+    Running,
+    WorkerGone,
+    WorkerReady,
+)
 
 PREFETCH = 2  # batches queued per worker thread beyond the one it runs
 KILL_GRACE = 1.0  # seconds between SIGTERM and SIGKILL
@@ -162,7 +172,7 @@ class _Worker:
         self.conn: Any = None
         self.slot: child.Slot | None = None
         self.state = WorkerState.STARTING
-        self.since = time.monotonic()  # when the current state began
+        self.initializing_since: float | None = None  # when it began its initializer
         self.outbox: queue.SimpleQueue[bytes | Batch | None] = queue.SimpleQueue()
         self.sender: threading.Thread | None = None
         self.in_flight: dict[int, Batch] = {}  # seq -> batch, in the order sent
@@ -170,6 +180,7 @@ class _Worker:
         self.assigned = 0
         self.done = 0
         self.errors = 0
+        self.ready = False  # it has run the initializer (whatever its state since)
         self.why: str | None = None  # why it is retiring or stopping
         self.kill_at: float | None = None  # when SIGTERM turns into SIGKILL
 
@@ -270,6 +281,7 @@ class ProcessPool(Pool):
             with self._watch_lock:
                 watched = dict(self._watched)
                 if self._closing and not watched and not self._unwatched:
+                    self._report(Changed())  # the pool may have closed
                     return
             conns = {conn: worker for worker, (conn, _) in watched.items()}
             sentinels = {p.sentinel: worker for worker, (_, p) in watched.items()}
@@ -319,6 +331,7 @@ class ProcessPool(Pool):
             del batch
             with contextlib.suppress(OSError):  # it died: the reader reports it
                 conn.send_bytes(data)
+        self._report(Changed())  # the pool may have closed
 
     def _job(self, batch: Batch) -> bytes:
         """The run's function, pickled once for every worker."""
@@ -359,10 +372,16 @@ class ProcessPool(Pool):
         if isinstance(event, _Exited):
             return [self._gone(worker, event.exitcode, event.why)]
         said = event.message[0]
-        if said == "hello" and worker.state is WorkerState.STARTING:
-            worker.state, worker.since = WorkerState.INITIALIZING, time.monotonic()
-        elif said == "ready" and worker.state is WorkerState.INITIALIZING:
-            worker.state, worker.since = WorkerState.READY, time.monotonic()
+        # The facts hold whatever the worker's state: it may be retiring (it was given
+        # its last tasks while starting) or stopping already.
+        if said == "hello":
+            worker.initializing_since = time.monotonic()
+            if worker.state is WorkerState.STARTING:
+                worker.state = WorkerState.INITIALIZING
+        elif said == "ready":
+            worker.ready = True
+            if worker.state is WorkerState.INITIALIZING:
+                worker.state = WorkerState.READY
             return [WorkerReady(worker.id)]
         elif said == "init-failed":
             return [PoolBroken(f"the initializer failed: {event.message[1]}")]
@@ -370,7 +389,6 @@ class ProcessPool(Pool):
 
     def _gone(self, worker: _Worker, exitcode: int | None, why: str | None) -> WorkerGone:
         """What the worker left behind, read from its slot now that it is dead."""
-        ready = worker.state not in (WorkerState.STARTING, WorkerState.INITIALIZING)
         if why is None:
             stopped = worker.state is WorkerState.STOPPING
             why = worker.why if stopped and worker.why else _exit_reason(exitcode)
@@ -385,7 +403,9 @@ class ProcessPool(Pool):
                 if seq in worker.in_flight and not running:
                     batch_phase = (worker.in_flight[seq], Phase(phase))
         unreported = [(batch, 0) for batch in worker.in_flight.values()]
-        return WorkerGone(worker.id, worker.pid or 0, why, ready, running, batch_phase, unreported)
+        return WorkerGone(
+            worker.id, worker.pid or 0, why, worker.ready, running, batch_phase, unreported
+        )
 
     def settle(self, event: Completed | WorkerGone) -> None:
         worker = self._workers.get(event.worker)
@@ -481,7 +501,9 @@ class ProcessPool(Pool):
 
     def starting(self) -> list[tuple[str, float]]:
         return [
-            (w.id, w.since) for w in self._workers.values() if w.state is WorkerState.INITIALIZING
+            (w.id, w.initializing_since)
+            for w in self._workers.values()
+            if w.initializing_since is not None and not w.ready
         ]
 
     def stop(self, worker: str, why: str, task: tuple[int, int] | None = None) -> bool:
