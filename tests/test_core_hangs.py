@@ -194,15 +194,6 @@ def raises_when_loaded_in_parent(parent: int) -> RaisesWhenLoadedInParent:
     return RaisesWhenLoadedInParent(parent)
 
 
-def exit_if_first(marker: str) -> None:
-    """An initializer that kills only the first worker to run it."""
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    os._exit(4)
-
-
 def hang_while(path: str) -> None:
     """An initializer that hangs (for up to ten minutes) while ``path`` exists."""
     deadline = time.monotonic() + 600
@@ -415,13 +406,15 @@ def test_a_done_callback_waiting_on_another_future_does_not_deadlock():
 
 def test_shutdown_while_a_done_callback_submits_does_not_block():
     # case 5
-    gate, shutting_down, callback_done = threading.Event(), threading.Event(), threading.Event()
+    gate, in_callback = threading.Event(), threading.Event()
+    shutting_down, callback_done = threading.Event(), threading.Event()
     outcome: list[Any] = []
     ex = Executor("thread", 2, progress="none")
     try:
         future = ex.submit(gate.wait, 20)
 
         def submit_more(_):
+            in_callback.set()
             shutting_down.wait(10)
             time.sleep(0.3)  # shutdown is under way
             try:
@@ -432,8 +425,9 @@ def test_shutdown_while_a_done_callback_submits_does_not_block():
 
         future.add_done_callback(submit_more)
         gate.set()
+        assert in_callback.wait(10), "the done-callback did not run"
         shutting_down.set()
-        shut_down(ex, 20)
+        within(20, ex.shutdown)  # no cleanup if it blocks: it may hold the executor's lock
         assert callback_done.wait(10), "the done-callback's submit() blocked"
         [got] = outcome
         if not isinstance(got, RuntimeError):
@@ -441,7 +435,6 @@ def test_shutdown_while_a_done_callback_submits_does_not_block():
     finally:
         gate.set()
         shutting_down.set()
-        ex.shutdown(wait=False, cancel_futures=True)
 
 
 def test_shutdown_wait_from_a_thread_task_raises_cannot_join_current_thread():
@@ -459,7 +452,17 @@ def test_shutdown_wait_from_a_thread_task_raises_cannot_join_current_thread():
 def test_a_worker_dying_in_its_initializer_leaves_the_run_going(tmp_path):
     # case 6
     marker = str(tmp_path / "first-worker-died")
-    with executor("process", 2, initializer=exit_if_first, initargs=(marker,)) as ex:
+
+    def exit_if_first(marker: str) -> None:
+        # Defined here, so that it travels by value: the worker imports no test module
+        # and dies within milliseconds, while the Executor may still be starting.
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        os._exit(4)
+
+    with executor("process", 6, initializer=exit_if_first, initargs=(marker,)) as ex:
         results = ex.start(add_one, range(20)).result(timeout=30)
         assert os.path.exists(marker)
         assert results.values == list(range(1, 21))
@@ -468,8 +471,13 @@ def test_a_worker_dying_in_its_initializer_leaves_the_run_going(tmp_path):
 
 def test_a_worker_crashing_on_its_first_task_leaves_the_run_going():
     # case 6
+    def crash_first(x):  # travels by value: the worker loads it at once
+        if x == 0:
+            ctypes.string_at(0)
+        return x
+
     with executor("process", 2) as ex:
-        results = ex.start(crash_on, range(10), [0] * 10).result(timeout=30)
+        results = ex.start(crash_first, range(10)).result(timeout=30)
         assert results[0].status == "crashed"
         assert [r.status for r in results[1:]] == ["ok"] * 9
         assert ex.start(add_one, range(5)).result(timeout=20).values == [1, 2, 3, 4, 5]

@@ -54,22 +54,12 @@ import cellpool
 from cellpool import Executor
 
 from .conftest import cellpool_threads, settle, worker_processes
+from .gates import GATE_LIMIT, open_gate, wait_gate
 
 WAIT = 30  # the most a step that should be prompt may take before the test fails
-GATE_LIMIT = 60  # a gated task gives up waiting after this, so nothing hangs forever
 
 
 # -- helpers that run in the workers (module level: they travel by reference) -----------
-
-
-def open_gate(path):
-    Path(path).touch()
-
-
-def wait_gate(path, limit=GATE_LIMIT):
-    deadline = time.monotonic() + limit
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.01)
 
 
 def mark_then_wait(mark, gate):

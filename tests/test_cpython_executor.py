@@ -53,10 +53,10 @@ import pytest
 import cellpool
 
 from .conftest import cellpool_threads, settle, worker_processes
+from .gates import open_gate, wait_gate
 
 TIMEOUT = 30  # CPython's support.SHORT_TIMEOUT: how long "promptly" may take at most
 CRASH_TIMEOUT = 20  # ExecutorDeadlockTest's TIMEOUT: past this the pool is deadlocked
-GATE_LIMIT = 60  # a gated task gives up waiting after this, so nothing can hang forever
 
 
 # -- helpers that run in the workers (module level: they travel by reference) -----------
@@ -86,16 +86,6 @@ def mul(x, y):
 
 def capture(*args, **kwargs):
     return args, kwargs
-
-
-def open_gate(path):
-    Path(path).touch()
-
-
-def wait_gate(path, limit=GATE_LIMIT):
-    deadline = time.monotonic() + limit
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.01)
 
 
 def blocked(gate, value=None):

@@ -367,3 +367,15 @@ def test_workers_that_cannot_start_break_the_pool_instead_of_looping(workers_tha
             ex.run(add_one, range(3))
     finally:
         ex.shutdown()
+
+
+def sixteen_mebibytes(x):
+    return bytes([x]) * (16 * 2**20)
+
+
+def test_arguments_and_results_bigger_than_a_pipe_buffer_travel_both_ways():
+    with Executor("process", 2, timeout=30, progress="none") as ex:
+        results = ex.run(len, [b"\x01" * (16 * 2**20)] * 3)
+        big = ex.submit(sixteen_mebibytes, 7).result(timeout=60)
+    assert results.values == [16 * 2**20] * 3
+    assert len(big) == 16 * 2**20 and big[:1] == b"\x07"

@@ -27,16 +27,8 @@ from typing import Any
 from .. import hooks
 from ..admission import Admission
 from ..tasks import Batch, Outcomes, call_async, failure_of, release_worker_thread
-from .base import (
-    Changed,
-    Completed,
-    Pool,
-    PoolBroken,
-    Report,
-    Running,
-    WorkerGone,
-    WorkerReady,
-)
+from . import base
+from .base import Completed, Pool, Report, Running, WorkerGone
 
 PREFETCH = 2  # batches queued per worker, so a worker never waits for the dispatcher
 
@@ -127,7 +119,7 @@ class ThreadPool(Pool):
                 self._serve(worker)
         finally:
             release_worker_thread()
-            self._report(Changed())  # the pool may have closed
+            self._report(base.Changed())  # the pool may have closed
 
     def _start(self, worker: _Worker) -> bool:
         worker.native_id = threading.get_native_id()
@@ -136,13 +128,15 @@ class ThreadPool(Pool):
                 self._initializer(*self._initargs)
             except BaseException as exc:
                 failure = failure_of(exc)
-                self._report(PoolBroken(f"the initializer failed: {failure.error_type}: {exc}"))
+                self._report(
+                    base.PoolBroken(f"the initializer failed: {failure.error_type}: {exc}")
+                )
                 return False
         with worker.lock:
             if worker.state is ThreadState.ABANDONED:
                 return False
             worker.state, worker.since = ThreadState.IDLE, time.monotonic()
-        self._report(WorkerReady(worker.id))
+        self._report(base.WorkerReady(worker.id))
         return True
 
     def _serve(self, worker: _Worker) -> None:
