@@ -58,16 +58,7 @@ class Feeder:
                 want = CHUNK
                 if self._state is FeederState.READING:
                     want = min(CHUNK, self._allowance - self._read)
-            count = 0
-            error = None
-            try:
-                for item in itertools.islice(self._items, want):  # user code, no lock held
-                    self._buffer.append(item)  # atomic: the dispatcher may take it at once
-                    count += 1
-                    if count == 1:
-                        self._on_change()  # the input may block before the chunk is full
-            except BaseException as exc:  # even SystemExit: it is the input's, not ours
-                error = exc  # what the chunk got before it still counts
+            count, error = self._read_chunk(want)
             with self._lock:
                 self._read += count
                 ran_out = error is not None or count < want
@@ -75,9 +66,33 @@ class Feeder:
                     self.error = error
                     self._state = FeederState.ENDED
                 done = self._state in (FeederState.ENDED, FeederState.STOPPED)
-            self._on_change()
             if done:
+                self._on_change()  # the input has ended
                 return
+
+    def _read_chunk(self, want: int) -> tuple[int, BaseException | None]:
+        """Read up to ``want`` items into the buffer, in parts that double from one, so
+        items are there to take soon after they are read even when the input then
+        blocks, while a fast input is read at C speed. Returns (items read, the error
+        iterating raised)."""
+        buffer, count, part_size = self._buffer, 0, 1
+        while count < want:
+            size = min(part_size, want - count)
+            part: list[Any] = []
+            error = None
+            try:
+                part.extend(itertools.islice(self._items, size))  # user code, no lock held
+            except BaseException as exc:  # even SystemExit: it is the input's, not ours
+                error = exc  # what the part got before it still counts
+            was_empty = not buffer
+            buffer.extend(part)  # one step under the GIL: the dispatcher may take them now
+            count += len(part)
+            if was_empty and part:
+                self._on_change()
+            if error is not None or len(part) < size:
+                return count, error
+            part_size *= 2
+        return count, None
 
     def grant(self, allowance: int) -> None:
         """Let the feeder read until it has read ``allowance`` items in all."""
