@@ -111,8 +111,13 @@ def test_per_worker_figures_agree_with_psutil():
             time.sleep(0.1)
         busy = rows[0]
         process = psutil.Process(busy["pid"])
+        cpu = process.cpu_times()
         assert busy["state"] == "busy"
-        assert busy["cpu_percent"] > 50  # the spinning worker uses a core
+        # The row's CPU time is psutil's, sampled at most a few tenths of a second ago;
+        # and the spinning worker shows a clear share of a core even on a loaded machine
+        # (two other spinning processes on two cores still leave it a third of one).
+        assert 0 <= cpu.user + cpu.system - busy["cpu_seconds"] < 0.6
+        assert busy["cpu_percent"] > 10
         assert abs(busy["rss"] - process.memory_info().rss) < 0.2 * busy["rss"]
         assert busy["fds"] == process.num_fds()
         assert busy["threads"] == process.num_threads()

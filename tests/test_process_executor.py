@@ -379,3 +379,38 @@ def test_arguments_and_results_bigger_than_a_pipe_buffer_travel_both_ways():
         big = ex.submit(sixteen_mebibytes, 7).result(timeout=60)
     assert results.values == [16 * 2**20] * 3
     assert len(big) == 16 * 2**20 and big[:1] == b"\x07"
+
+
+def die_in_the_first_worker(marker):
+    """An initializer: the first worker to run it dies, the others start normally."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
+    os._exit(3)
+
+
+def test_a_worker_dying_before_the_executor_is_made_is_replaced(tmp_path):
+    # Held between making the pool and starting the dispatcher until a worker has died,
+    # so its death is reported before anything can handle it.
+    from cellpool import hooks
+
+    marker = tmp_path / "died"
+
+    def until_a_worker_died():
+        deadline = time.monotonic() + 20
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # and until its exit reached the reader
+
+    with hooks.installed("executor.pool-made", until_a_worker_died):
+        ex = Executor(
+            "process",
+            2,
+            initializer=die_in_the_first_worker,
+            initargs=(str(marker),),
+            progress="none",
+        )
+    with ex:
+        assert ex.run(abs, range(-5, 0)).values == [5, 4, 3, 2, 1]
+    assert marker.exists()

@@ -10,6 +10,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent import futures
 from typing import Any
 
+from . import hooks
 from . import options as check
 from .admission import Admission, Limits
 from .dispatch import AddRun, CancelRun, Dispatcher, Shutdown, Wake, interpreter_exiting
@@ -247,6 +248,7 @@ class Executor(futures.Executor):
         self._pool = self._make_pool(
             initializer, tuple(initargs), start_method, max_tasks_per_worker, address, client
         )
+        hooks.at("executor.pool-made")  # its workers may report before the dispatcher runs
         if isinstance(self._pool, DaskPool) and workers is None:
             self.workers = self._dispatcher.workers = self._pool.size  # the cluster's
         dispatcher = self._dispatcher
