@@ -501,6 +501,8 @@ class MapIterator(Iterator[Any]):
         self._deadline = deadline
         self._post = post
         self._read = [False]  # shared with the finalizer, which must not hold self
+        self._unannounced = 0  # values consumed since the dispatcher was last woken
+        self._announce_every = max(1, run.max_pending // 8)
         self._finalizer = weakref.finalize(self, _map_dropped, run, sink, post, self._read)
 
     def __next__(self) -> Any:
@@ -514,8 +516,11 @@ class MapIterator(Iterator[Any]):
         except BaseException:  # a timeout: stop, as the standard library's map does
             self.close()
             raise
-        if run.input.starved and self._sink.buffered() <= run.max_pending // 2:
-            self._post(Wake())  # the input waits for room, and there is some again
+        if run.input.starved:  # the input waits for room: tell the dispatcher there is
+            self._unannounced += 1  # some again, once per eighth of the window
+            if self._unannounced >= self._announce_every:
+                self._unannounced = 0
+                self._post(Wake())
         if not ok:
             self.close()
             raise value

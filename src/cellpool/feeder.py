@@ -45,6 +45,7 @@ class Feeder:
         self._read = 0
         self._state = FeederState.READING
         self.error: BaseException | None = None  # what iterating the input raised
+        self.starved = False  # it waits for a larger allowance
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -52,7 +53,9 @@ class Feeder:
         while True:
             with self._lock:
                 while self._state is FeederState.READING and self._read >= self._allowance:
+                    self.starved = True  # read by map's consumer, without the lock
                     self._wanted.wait()
+                self.starved = False
                 if self._state not in (FeederState.READING, FeederState.DRAINING):
                     return
                 want = CHUNK
@@ -108,11 +111,6 @@ class Feeder:
 
     def buffered(self) -> int:
         return len(self._buffer)
-
-    @property
-    def starved(self) -> bool:
-        """True while the feeder waits for a larger allowance (a plain read, no lock)."""
-        return self._state is FeederState.READING and self._read >= self._allowance
 
     def ended(self) -> bool:
         """True once the input has run out, raised or was stopped, and every item read
