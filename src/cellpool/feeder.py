@@ -7,9 +7,10 @@ the dispatcher when items arrive or the input ends. The dispatcher only takes fr
 buffer, which never blocks.
 
 Ownership: ``_read``, ``_allowance``, ``_state`` and ``error`` are guarded by ``_lock``;
-the iterator is touched only by the feeder thread. ``_buffer`` is a deque the feeder
-appends to and the dispatcher pops from, each operation atomic, so an item is there
-to take the moment it is read.
+the iterator is touched only by the feeder thread. ``_parts`` is a deque of lists of
+items: the feeder appends at its right end and counts ``_appended``, the dispatcher
+takes from its left end and counts ``_taken``. Each deque operation is atomic, so a
+part is there to take the moment it is read.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ class Feeder:
         self._on_change = on_change
         self._lock = threading.Lock()
         self._wanted = threading.Condition(self._lock)
-        self._buffer: deque[Any] = deque()
+        self._parts: deque[list[Any]] = deque()
+        self._appended = 0  # items put in _parts (written by the feeder thread only)
+        self._taken = 0  # items taken from _parts (written by the dispatcher only)
         self._allowance = 0  # items the feeder may have read in all
         self._read = 0
         self._state = FeederState.READING
@@ -78,7 +81,7 @@ class Feeder:
         items are there to take soon after they are read even when the input then
         blocks, while a fast input is read at C speed. Returns (items read, the error
         iterating raised)."""
-        buffer, count, part_size = self._buffer, 0, 1
+        parts, count, part_size = self._parts, 0, 1
         while count < want:
             size = min(part_size, want - count)
             part: list[Any] = []
@@ -87,11 +90,13 @@ class Feeder:
                 part.extend(itertools.islice(self._items, size))  # user code, no lock held
             except BaseException as exc:  # even SystemExit: it is the input's, not ours
                 error = exc  # what the part got before it still counts
-            was_empty = not buffer
-            buffer.extend(part)  # one step under the GIL: the dispatcher may take them now
-            count += len(part)
-            if was_empty and part:
-                self._on_change()
+            if part:
+                was_empty = not parts
+                parts.append(part)  # atomic: the dispatcher may take it at once
+                self._appended += len(part)
+                count += len(part)
+                if was_empty:
+                    self._on_change()
             if error is not None or len(part) < size:
                 return count, error
             part_size *= 2
@@ -106,17 +111,27 @@ class Feeder:
 
     def take(self, count: int) -> list[Any]:
         """Up to ``count`` items read so far (never blocks; the feeder may be appending)."""
-        buffer = self._buffer
-        return [buffer.popleft() for _ in range(min(count, len(buffer)))]
+        parts = self._parts
+        taken: list[Any] = []
+        while parts and len(taken) < count:
+            need = count - len(taken)
+            part = parts[0]
+            if len(part) <= need:
+                taken += parts.popleft()
+            else:
+                taken += part[:need]
+                parts[0] = part[need:]  # only this thread touches the left end
+        self._taken += len(taken)
+        return taken
 
     def buffered(self) -> int:
-        return len(self._buffer)
+        return self._appended - self._taken
 
     def ended(self) -> bool:
         """True once the input has run out, raised or was stopped, and every item read
         was taken."""
         with self._lock:
-            return self._state in (FeederState.ENDED, FeederState.STOPPED) and not self._buffer
+            return self._state in (FeederState.ENDED, FeederState.STOPPED) and not self._parts
 
     def drain(self) -> None:
         """Read the rest of the input regardless of the allowance (for a cancelled run
