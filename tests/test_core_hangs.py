@@ -236,12 +236,19 @@ def test_a_big_argument_for_a_busy_worker_does_not_hold_up_timeouts_or_cancel():
         assert [r.status for r in results] == ["timeout", "timeout", "ok", "ok"]
         assert results.values[2:] == [BIG, BIG]
 
-        job = ex.start(hang_or_size, ["hang", "hang", big, big], timeout=None)
-        wait_for(lambda: busy_workers(ex) == 2, 20, "two busy workers")
-        time.sleep(0.5)  # the big arguments are on their way to the busy workers
-        job.cancel()
-        results = job.result(timeout=20)
-        assert [r.status for r in results] == ["cancelled"] * 4
+        # However the batches are spread, the worker that takes the first task, which
+        # hangs, gets a big argument next (two batches per worker, fewest tasks first).
+        job = ex.start(hang_or_size, ["hang", big, big, big, big, "hang"], timeout=None)
+        try:
+            wait_for(lambda: statuses(job).get(0) is None and busy_workers(ex), 20, "busy worker")
+            time.sleep(1.0)  # a big argument is on its way to the busy worker
+            assert job.cancel()
+            results = job.result(timeout=20)
+        finally:
+            job.cancel()  # a hung task must not hold up the executor's shutdown
+        assert len(results) == 6
+        assert results[0].status == "cancelled"
+        assert {r.status for r in results} <= {"ok", "cancelled"}
         assert ex.submit(len, big).result(timeout=20) == BIG
 
 
