@@ -442,7 +442,7 @@ class Dispatcher:
         name = error.__name__ if error is not None else "TaskCancelled"
         failure = CANCELLED if status == "cancelled" else Failure(name, reason)
         self._complete(
-            run, task, status, None, failure, gone.worker, gone.pid, finished=time.time()
+            run, task, status, None, failure, gone.worker, gone.pid, finished=time.monotonic()
         )
 
     def _break(self, reason: str) -> None:

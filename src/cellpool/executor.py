@@ -20,7 +20,7 @@ from .pool.dask import DaskPool
 from .pool.process import ProcessPool
 from .pool.thread import ThreadPool
 from .results import Results
-from .runs import Run, StopMode
+from .runs import PLAIN_SEQUENCES, Run, SequenceInput, StopMode
 from .sinks import FutureSink, OrderedSink, RecordSink
 from .view import View, make_view, no_events, normalize_progress
 
@@ -311,20 +311,23 @@ class Executor(futures.Executor):
     @staticmethod
     def _inputs(
         caller: str, fn: Callable[..., Any], iterables: Iterable[Any], shortest: bool = False
-    ) -> tuple[Iterator[Any], bool, int | None]:
+    ) -> tuple[Iterator[Any] | SequenceInput, bool, int | None]:
         """The items (argument tuples when several iterables), whether they are
         tuples to spread, and how many there are if known. Iterables of different
         lengths are an error, or with ``shortest`` (``map``) end at the shortest."""
         check.callable_fn(caller, fn)
         its, total = check.iterators(caller, iterables, shortest)
-        if len(its) == 1:
+        star = len(its) > 1
+        if all(type(iterable) in PLAIN_SEQUENCES for iterable in iterables):
+            return SequenceInput(list(iterables), allowance=0), star, total
+        if not star:
             return its[0], False, total
         return zip(*its, strict=not shortest), True, total
 
     def _new_run(
         self,
         fn: Callable[..., Any],
-        inputs: tuple[Iterator[Any] | list[Any], bool, int | None],
+        inputs: tuple[Iterator[Any] | SequenceInput, bool, int | None],
         sink: Any,
         opts: dict[str, Any],
         future: futures.Future[Any] | None = None,
@@ -367,7 +370,7 @@ class Executor(futures.Executor):
         call = functools.partial(fn, **kwargs) if kwargs else fn
         opts = self._options("submit", {})
         sink = FutureSink(future, self._dispatcher.deliveries)
-        run = self._new_run(call, ([args], True, 1), sink, opts, future)
+        run = self._new_run(call, (SequenceInput([[args]], 0), True, 1), sink, opts, future)
         post = self._dispatcher.post
         future.add_done_callback(lambda f: f.cancelled() and post(CancelRun(run, StopMode.DROP)))
         return future

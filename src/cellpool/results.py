@@ -12,6 +12,7 @@ import html
 import math
 import pickle
 import sys
+import time
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, overload
@@ -103,6 +104,7 @@ class Results(Sequence[TaskResult]):
 
     __slots__ = (
         "_attempts",
+        "_clock",
         "_duration",
         "_failure",
         "_finished",
@@ -127,6 +129,10 @@ class Results(Sequence[TaskResult]):
         self._workers: list[tuple[str | None, int | None]] = [(None, None)]
         self._worker_codes: dict[tuple[str | None, int | None], int] = {(None, None): 0}
         self._attempts = array("I")
+        # A run's times are kept on the time.monotonic() clock, as workers measure them,
+        # and turned into epoch seconds (this offset added) only when read. Records
+        # given here carry epoch seconds already.
+        self._clock = time.time() - time.monotonic() if records == () else 0.0
         self._started = array("d")
         self._finished = array("d")
         for record in records:
@@ -270,6 +276,7 @@ class Results(Sequence[TaskResult]):
         out._workers = self._workers[:]
         out._worker_codes = dict(self._worker_codes)
         out._attempts = self._attempts[:]
+        out._clock = self._clock
         out._started = self._started[:]
         out._finished = self._finished[:]
         return out
@@ -281,6 +288,7 @@ class Results(Sequence[TaskResult]):
 
     def _select(self, positions: Iterable[int]) -> Results:
         out = Results()
+        out._clock = self._clock
         out._index = array("q")
         out._workers = list(self._workers)
         out._worker_codes = dict(self._worker_codes)
@@ -322,8 +330,8 @@ class Results(Sequence[TaskResult]):
             worker=worker,
             pid=pid,
             attempts=self._attempts[position],
-            started=None if math.isnan(started) else started,
-            finished=None if math.isnan(finished) else finished,
+            started=None if math.isnan(started) else started + self._clock,
+            finished=None if math.isnan(finished) else finished + self._clock,
             duration=self._duration.get(position, duration),
         )
 
@@ -397,8 +405,9 @@ class Results(Sequence[TaskResult]):
             ) from None
         failures = [self._failure.get(p) for p in range(len(self))]
         workers = [self._workers[code] for code in self._worker]
-        started = [None if math.isnan(t) else t for t in self._started]
-        finished = [None if math.isnan(t) else t for t in self._finished]
+        clock = self._clock
+        started = [None if math.isnan(t) else t + clock for t in self._started]
+        finished = [None if math.isnan(t) else t + clock for t in self._finished]
         columns = {
             "index": list(range(len(self))) if self._index is None else list(self._index),
             "item": list(self._item),

@@ -48,34 +48,60 @@ class Sink(Protocol):
     def finish(self, run: Run) -> None: ...
 
 
-class ReadyInput:
-    """Inputs already in memory (one ``submit``): the ``Feeder`` interface, no thread."""
+PLAIN_SEQUENCES = (list, tuple, range)  # exact types: slicing them runs no user code
+
+
+class SequenceInput:
+    """Inputs held in lists, tuples or ranges (several are zipped, up to the shortest).
+
+    Slicing them runs no user code and never blocks, so the dispatcher takes from them
+    directly, with no ``Feeder`` thread, within the same allowance a feeder keeps.
+    Every field is the dispatcher's; ``starved`` is also read by ``map``'s consumer.
+    """
 
     error = None
 
-    def __init__(self, items: list[Any]) -> None:
-        self._items = items
+    def __init__(self, sequences: list[Any], allowance: int) -> None:
+        self._sequences = sequences
+        self._next = 0  # the first input not taken yet
+        self._end = min(len(sequence) for sequence in sequences)  # what may be taken
+        self._allowance = allowance  # how many may have been taken in all
+
+    @property
+    def starved(self) -> bool:
+        return self._next >= self._allowance and self._next < self._end
 
     def take(self, count: int) -> list[Any]:
-        taken, self._items = self._items[:count], self._items[count:]
-        return taken
+        start = self._next
+        stop = min(start + count, self._allowance, self._end)
+        if stop <= start:
+            return []
+        self._next = stop
+        sequences = self._sequences
+        if stop == self._end:
+            self._sequences = []  # hold no input once every one is taken
+        if len(sequences) > 1:
+            return list(zip(*(sequence[start:stop] for sequence in sequences), strict=True))
+        taken = sequences[0][start:stop]
+        return taken if type(taken) is list else list(taken)
 
     def buffered(self) -> int:
-        return len(self._items)
+        return max(0, min(self._allowance, self._end) - self._next)
 
     def ended(self) -> bool:
-        return not self._items
+        return self._next >= self._end
 
     def grant(self, allowance: int) -> None:
-        pass
+        self._allowance = max(self._allowance, allowance)
 
     def drain(self) -> None:
-        pass
+        self._allowance = self._end  # a cancelled run: the rest is taken for its records
 
     def stop(self) -> None:
-        pass  # what is left is taken, and recorded, by the dispatcher
-
-    starved = False
+        # what is within the allowance counts as read, and is taken for its records
+        self._end = min(self._end, max(self._next, self._allowance))
+        if self._next == self._end:
+            self._sequences = []
 
 
 _run_serials = itertools.count(1)
@@ -92,7 +118,7 @@ class Run:
     def __init__(
         self,
         fn: Callable[..., Any],
-        items: Iterator[Any] | list[Any],
+        items: Iterator[Any] | SequenceInput,
         star: bool,
         total: int | None,
         sized: bool,
@@ -121,11 +147,12 @@ class Run:
         self.retry_on = retry_on
         self.max_pending = max_pending
         self.future = future  # a submit's: it enters RUNNING when its batch is sent
-        self.input: Feeder | ReadyInput = (
-            ReadyInput(items)
-            if isinstance(items, list)
+        self.input: Feeder | SequenceInput = (
+            items
+            if isinstance(items, SequenceInput)
             else Feeder(items, on_input, f"cellpool-feeder-{self.serial}")
         )
+        self.input.grant(max_pending)
         self.state = RunState.ACTIVE
         self.leftover: tuple[str, Any] | None = None  # once stopped: (status, Failure) for
         # the inputs read and never dispatched

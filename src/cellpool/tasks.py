@@ -37,7 +37,8 @@ class Outcomes(NamedTuple):
     """What a worker did with consecutive positions of a batch, as columns.
 
     ``failures`` maps a position (counted from the first of these) to the failure and
-    whether ``retry_on`` matched it; its value in ``values`` is ``None``.
+    whether ``retry_on`` matched it; its value in ``values`` is ``None``. ``started``
+    and ``finished`` are on this machine's ``time.monotonic()`` clock.
     """
 
     values: list[Any]
@@ -211,26 +212,20 @@ async def _one(
 ) -> Result:
     import asyncio
 
-    started, began = time.time(), time.monotonic()
+    started = time.monotonic()
     reason = blocked(item)
     if reason is not None:
         return (None, reason, False, started, started)
     try:
         coro = fn(*item) if star else fn(item)
-        value = await asyncio.wait_for(_marked(coro, position, began, on_step), timeout)
+        value = await asyncio.wait_for(_marked(coro, position, started, on_step), timeout)
     except asyncio.TimeoutError:
         error = TaskTimeout(f"the task ran past its {timeout:g} s timeout")
-        finished = time.time()
-        return (
-            None,
-            Failure(type(error).__name__, str(error), None, error),
-            False,
-            started,
-            finished,
-        )
+        failure = Failure(type(error).__name__, str(error), None, error)
+        return (None, failure, False, started, time.monotonic())
     except BaseException as exc:  # a task's SystemExit is its failure, not the worker's
-        return (None, failure_of(exc), isinstance(exc, retry_on), started, time.time())
-    return (value, None, False, started, time.time())
+        return (None, failure_of(exc), isinstance(exc, retry_on), started, time.monotonic())
+    return (value, None, False, started, time.monotonic())
 
 
 def initializer_failure(exc: BaseException) -> Failure:
@@ -272,10 +267,11 @@ def _plain_traceback(name: str, message: str, tb: Any) -> str:
 
 
 def call(fn: Any, item: Any, star: bool, retry_on: tuple[type[BaseException], ...]) -> Result:
-    """Run one task, ``fn(*item)`` if ``star`` else ``fn(item)``; never raises."""
-    started = time.time()
+    """Run one task, ``fn(*item)`` if ``star`` else ``fn(item)``; never raises. Its
+    times are on the ``time.monotonic()`` clock."""
+    started = time.monotonic()
     try:
         value = fn(*item) if star else fn(item)
     except BaseException as exc:  # a task's SystemExit is its failure, not the worker's
-        return (None, failure_of(exc), isinstance(exc, retry_on), started, time.time())
-    return (value, None, False, started, time.time())
+        return (None, failure_of(exc), isinstance(exc, retry_on), started, time.monotonic())
+    return (value, None, False, started, time.monotonic())

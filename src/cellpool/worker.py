@@ -320,7 +320,7 @@ def _run_batch(
 
     This is the hot loop for tiny tasks, so it is written out rather than calling
     ``tasks.call``: one clock read per task (a task starts when the one before ends),
-    on the monotonic clock (the lane's), turned into epoch seconds for the records.
+    on the monotonic clock, which the lane and the records share.
     """
     base = seq * SEQ_SPAN
     if inspect.iscoroutinefunction(fn):
@@ -344,7 +344,6 @@ def _run_batch(
         return
     values, started, finished, failures = outcomes = Outcomes.empty()
     clock = time.monotonic
-    to_epoch = time.time() - clock()
     start = 0
     now = flushed = clock()
     for position, item in enumerate(items):
@@ -360,9 +359,9 @@ def _run_batch(
                 failures[len(values)] = (failure_of(exc), isinstance(exc, retry_on))
                 value = None
         values.append(value)
-        started.append(now + to_epoch)
+        started.append(now)
         now = clock()
-        finished.append(now + to_epoch)
+        finished.append(now)
         lane[4] = base + position
         if now - flushed > FLUSH_SECONDS and position + 1 < len(items):
             channel.send_outcomes(lane, seq, start, outcomes, final=False)

@@ -636,7 +636,7 @@ def _unpickled(payload: bytes, count: int) -> Outcomes:
     try:
         outcomes: Outcomes = pickle.loads(payload)
     except BaseException as error:  # even SystemExit: it is the result's, not ours
-        finished = time.time()
+        finished = time.monotonic()
         failure = Failure(
             "PicklingError", f"could not unpickle the result: {type(error).__name__}: {error}"
         )

@@ -160,13 +160,12 @@ class ThreadPool(Pool):
 
     def _run_batch(self, worker: _Worker, batch: Batch) -> bool:
         """The hot loop for tiny tasks, written out as the process worker's is: one
-        clock read per task (monotonic, for timeouts; epoch seconds for the records)."""
+        clock read per task, on the monotonic clock (timeouts and records share it)."""
         run = batch.run
         fn, star, retry_on = run.fn, run.star, run.retry_on
         lock, abandoned = worker.lock, ThreadState.ABANDONED
         values, started, finished, failures = worker.outcomes
         clock = time.monotonic
-        to_epoch = time.time() - clock()
         now = clock()
         for position, item in enumerate(batch.items):
             if run.stopped:
@@ -187,8 +186,8 @@ class ThreadPool(Pool):
                     failures[len(values)] = failure
                     worker.errors += 1
                 values.append(value)
-                started.append(now + to_epoch)
-                finished.append(end + to_epoch)
+                started.append(now)
+                finished.append(end)
                 worker.done += 1
             now = end
         return True
