@@ -6,6 +6,7 @@ import functools
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent import futures
 from typing import Any
@@ -21,7 +22,7 @@ from .pool.process import ProcessPool
 from .pool.thread import ThreadPool
 from .results import Results
 from .runs import PLAIN_SEQUENCES, Run, SequenceInput, StopMode
-from .sinks import FutureSink, OrderedSink, RecordSink
+from .sinks import FutureSink, OrderedSink, Raised, RecordSink
 from .view import View, make_view, no_events, normalize_progress
 
 POLL = 0.05  # how often a blocking wait lets widget events and signals through
@@ -493,7 +494,8 @@ class MapIterator(Iterator[Any]):
 
     Closing it (or dropping it after reading from it) cancels the tasks not started, as
     the standard library's iterator does; dropping it unread lets the work finish and
-    keeps none of the values.
+    keeps none of the values. Values come from the sink a block at a time, so reading
+    one costs a ``deque.popleft``.
     """
 
     def __init__(
@@ -503,35 +505,43 @@ class MapIterator(Iterator[Any]):
         self._sink = sink
         self._deadline = deadline
         self._post = post
+        self._block: deque[Any] = deque()
         self._read = [False]  # shared with the finalizer, which must not hold self
-        self._unannounced = 0  # values consumed since the dispatcher was last woken
-        self._announce_every = max(1, run.max_pending // 8)
+        self._block_size = max(1, run.max_pending // 8)
+        self._unannounced = 0  # values taken since the dispatcher was last woken
         self._finalizer = weakref.finalize(self, _map_dropped, run, sink, post, self._read)
 
     def __next__(self) -> Any:
-        self._read[0] = True
-        run = self._run
         try:
-            ok, value = self._sink.next(self._deadline)
+            value = self._block.popleft()
+        except IndexError:
+            value = self._next_block()
+        if type(value) is Raised:
+            self.close()
+            raise value.error
+        return value
+
+    def _next_block(self) -> Any:
+        self._read[0] = True
+        self._sink.returned()
+        if self._run.input.starved and self._unannounced >= self._block_size:
+            self._unannounced = 0  # the input waits for room: tell the dispatcher there is
+            self._post(Wake())
+        try:
+            self._block.extend(self._sink.take(self._deadline, self._block_size))
         except StopIteration:
             self._finalizer.detach()
             raise
         except BaseException:  # a timeout: stop, as the standard library's map does
             self.close()
             raise
-        if run.input.starved:  # the input waits for room: tell the dispatcher there is
-            self._unannounced += 1  # some again, once per eighth of the window
-            if self._unannounced >= self._announce_every:
-                self._unannounced = 0
-                self._post(Wake())
-        if not ok:
-            self.close()
-            raise value
-        return value
+        self._unannounced += len(self._block)
+        return self._block.popleft()
 
     def close(self) -> None:
         """Stop: tasks not started are cancelled; no more values come."""
         self._read[0] = True
+        self._block.clear()
         self._finalizer()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -118,43 +118,57 @@ class RecordSink:
             self._deliveries.put(self.future.set_result, self.results)
 
 
+class Raised:
+    """A ``map`` value that is an error: the iterator raises ``error`` in its place."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
 class OrderedSink:
-    """Holds finished values until the consumer of ``map`` reaches them, in input order."""
+    """Holds finished values until the consumer of ``map`` reaches them, in input order.
+
+    The consumer takes them a block at a time (``take``); the block it holds counts as
+    buffered until it has read it all (``returned``), so ``max_pending`` still bounds
+    what is held.
+    """
 
     def __init__(self) -> None:
-        self._ready: dict[int, tuple[bool, Any]] = {}
+        self._ready: dict[int, Any] = {}  # index -> value, or Raised
         self._next = 0
+        self._lent = 0  # values of the block the consumer holds
         self._discarding = False  # nobody will read: the work goes on, values are dropped
         self._ended = False
         self._input_error: BaseException | None = None
         self._changed = threading.Condition()
 
     def put(self, done: Finished) -> None:
-        if done.failure is None:
-            entry = (True, done.value)
-        else:
-            entry = (False, exception_of(done.status, done.failure))
+        value = (
+            done.value if done.failure is None else Raised(exception_of(done.status, done.failure))
+        )
         with self._changed:
             if self._discarding:
                 return
-            self._ready[done.task.index] = entry
+            self._ready[done.task.index] = value
             if done.task.index == self._next:
                 self._changed.notify()
 
     def put_many(self, done: FinishedBatch) -> None:
         if done.failure is None:
-            entries = [(True, value) for value in done.values or [None] * len(done.items)]
+            values: Iterable[Any] = done.values or [None] * len(done.items)
         else:
-            entries = [(False, exception_of(done.status, done.failure))] * len(done.items)
+            values = [Raised(exception_of(done.status, done.failure))] * len(done.items)
         with self._changed:
             if self._discarding:
                 return
-            self._ready.update(zip(done.indices, entries, strict=True))
+            self._ready.update(zip(done.indices, values, strict=True))
             if self._next in self._ready:
                 self._changed.notify()
 
     def buffered(self) -> int:
-        return len(self._ready)
+        return len(self._ready) + self._lent
 
     def discard(self) -> None:
         """The iterator was dropped unread: keep no value from now on."""
@@ -168,23 +182,35 @@ class OrderedSink:
             self._input_error = run.input_error
             self._changed.notify()
 
-    def next(self, deadline: float | None) -> tuple[bool, Any]:
-        """The next value in input order as (ok, value or exception).
+    def returned(self) -> None:
+        """The consumer has read every value of its block."""
+        with self._changed:
+            self._lent = 0
 
-        Raises ``StopIteration`` at the end and ``TimeoutError`` past ``deadline``.
+    def take(self, deadline: float | None, most: int) -> list[Any]:
+        """The next values in input order, up to ``most`` (a value may be ``Raised``).
+
+        Waits for the first; raises ``StopIteration`` at the end and ``TimeoutError``
+        past ``deadline``.
         """
         with self._changed:
-            while self._next not in self._ready and not self._ended:
+            ready = self._ready
+            while self._next not in ready and not self._ended:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError("map() timed out waiting for a result")
                 self._changed.wait(remaining)
-            if self._next in self._ready:
-                self._next += 1
-                return self._ready.pop(self._next - 1)
-            if self._input_error is not None:
-                raise self._input_error
-            raise StopIteration
+            first = self._next
+            if first not in ready:
+                if self._input_error is not None:
+                    raise self._input_error
+                raise StopIteration
+            stop = first + 1
+            while stop in ready and stop - first < most:
+                stop += 1
+            self._next = stop
+            self._lent = stop - first
+            return [ready.pop(index) for index in range(first, stop)]
 
 
 class FutureSink:
