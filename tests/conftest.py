@@ -49,11 +49,13 @@ def shared_multiprocessing_helpers():
     import multiprocessing
     from multiprocessing import forkserver
 
+    from cellpool.pool.process import PRELOAD
+
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["cellpool.worker"])
+    context.set_forkserver_preload(PRELOAD)
     forkserver.ensure_running()
-    # Workers' shared memory comes from multiprocessing's heap, whose first arena (an fd)
-    # stays for the interpreter's life once made.
+    # Where there is no memfd, workers' shared memory comes from multiprocessing's heap,
+    # whose first arena (an fd) stays for the interpreter's life once made.
     context.RawArray("d", 8)
 
 

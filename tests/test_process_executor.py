@@ -145,6 +145,21 @@ def test_a_hung_task_times_out_and_the_run_goes_on(start_method):
     assert [r.status for r in results if r.index != 1] == ["ok"] * 5
 
 
+def test_without_memfd_a_raw_array_carries_what_workers_do(monkeypatch):
+    # Off Linux there is no memfd: the slot is a multiprocessing RawArray. Timeouts and
+    # crash records read it, so they prove the parent sees what the worker writes.
+    import cellpool.shared
+
+    monkeypatch.setattr(cellpool.shared, "HAVE_MEMFD", False)
+    with Executor("process", 2, timeout=2, progress="none") as ex:
+        hung = ex.run(hang_on, range(6), [1] * 6)
+        crashed = ex.run(crash_on, range(10), [4] * 10)
+    assert hung[1].status == "timeout"
+    assert [r.status for r in hung if r.index != 1] == ["ok"] * 5
+    assert crashed[4].status == "crashed" and "SIGSEGV" in crashed[4].error
+    assert [r.status for r in crashed if r.index != 4] == ["ok"] * 9
+
+
 def test_a_result_that_cannot_be_pickled_is_an_error_record(start_method):
     with Executor("process", 2, start_method=start_method, progress="none") as ex:
         results = ex.run(return_a_lock, range(3))

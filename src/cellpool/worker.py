@@ -42,6 +42,7 @@ from typing import Any
 import cloudpickle
 
 from .results import Failure
+from .shared import SharedDoubles
 from .streams import ForwardedStream
 from .tasks import (
     Outcomes,
@@ -63,8 +64,8 @@ _FRESH_LANE = struct.pack("5d", IDLE, -1.0, -1.0, 0.0, -1.0)
 
 
 class Slot:
-    """Shared memory (a ``multiprocessing`` RawArray, so any platform) with a lane for
-    the worker's receiving thread (lane 0) and one per thread running tasks.
+    """Shared memory (``shared.SharedDoubles``) with a lane for the worker's receiving
+    thread (lane 0) and one per thread running tasks.
 
     A lane is five doubles: a phase and the batch it is about; the ticket of the task
     running, when it started (``time.monotonic()``: one clock for every process), and
@@ -75,15 +76,15 @@ class Slot:
     timeout.
     """
 
-    def __init__(self, shared: Any, threads: int) -> None:
+    def __init__(self, shared: SharedDoubles, threads: int) -> None:
         self.shared = shared
         self.threads = threads
-        self.cells = memoryview(shared).cast("B").cast("d")
+        self.cells = shared.view
 
     @classmethod
     def create(cls, ctx: Any, threads: int) -> Slot:
-        shared = ctx.RawArray("d", LANE * (threads + 1))
-        memoryview(shared).cast("B")[:] = _FRESH_LANE * (threads + 1)
+        shared = SharedDoubles.create(ctx, LANE * (threads + 1))
+        shared.view.cast("B")[:] = _FRESH_LANE * (threads + 1)
         return cls(shared, threads)
 
     def lane(self, index: int) -> memoryview:
@@ -111,7 +112,7 @@ class Slot:
         return found
 
     def close(self) -> None:
-        self.cells.release()
+        self.shared.close()
 
 
 class _SpawningPickler(cloudpickle.Pickler):

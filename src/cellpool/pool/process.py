@@ -60,6 +60,7 @@ from .base import (
 PREFETCH = 2  # batches queued per worker thread beyond the one it runs
 KILL_GRACE = 1.0  # seconds between SIGTERM and SIGKILL
 SHUTDOWN_GRACE = 5.0  # seconds an idle worker gets to exit at shutdown before it is killed
+PRELOAD = ["cellpool.worker", "cellpool.shipping"]
 
 
 def default_start_method() -> str:
@@ -207,7 +208,9 @@ class ProcessPool(Pool):
         self._threads = threads_per_worker
         self._ctx = multiprocessing.get_context(method)
         if method == "forkserver":
-            self._ctx.set_forkserver_preload(["cellpool.worker"])
+            # what a worker's arguments and first job need to unpickle, loaded once in
+            # the forkserver rather than in every worker it forks
+            self._ctx.set_forkserver_preload(PRELOAD)
         self._report = report
         self._admission = admission
         self._max_tasks = max_tasks_per_worker
