@@ -34,6 +34,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -507,8 +508,8 @@ class Dispatcher:
         status: str,
         values: list[Any] | None,
         failure: Failure | None,
-        started: list[float] | None,
-        finished: list[float] | None,
+        started: Sequence[float] | None,
+        finished: Sequence[float] | None,
         worker: str | None = None,
         pid: int | None = None,
     ) -> None:

@@ -95,6 +95,11 @@ def last_traceback_line(traceback: str | None) -> str:
     return frames[-1] if frames else ""
 
 
+def _doubles(times: Sequence[float]) -> array[float]:
+    """``times`` as an array of doubles, copied only if they are not one already."""
+    return times if isinstance(times, array) else array("d", times)
+
+
 class Results(Sequence[TaskResult]):
     """The records of a run, one per input, in input order.
 
@@ -197,8 +202,8 @@ class Results(Sequence[TaskResult]):
         values: list[Any] | None,
         failure: Failure | None,
         attempts: int | list[int],
-        started: list[float] | None,
-        finished: list[float] | None,
+        started: Sequence[float] | None,
+        finished: Sequence[float] | None,
         worker: str | None,
         pid: int | None,
     ) -> None:
@@ -237,8 +242,8 @@ class Results(Sequence[TaskResult]):
         self._worker[lo:hi] = array("I", [self._worker_code(worker, pid)]) * count
         per_record = [attempts] * count if isinstance(attempts, int) else attempts
         self._attempts[lo:hi] = array("I", per_record)
-        self._started[lo:hi] = no_times if started is None else array("d", started)
-        self._finished[lo:hi] = no_times if finished is None else array("d", finished)
+        self._started[lo:hi] = no_times if started is None else _doubles(started)
+        self._finished[lo:hi] = no_times if finished is None else _doubles(finished)
         if failure is not None:
             self._failure.update(dict.fromkeys(indices, failure))
 

@@ -53,8 +53,8 @@ class FinishedBatch(NamedTuple):
     status: str
     values: list[Any] | None
     failure: Failure | None
-    started: list[float] | None
-    finished: list[float] | None
+    started: Sequence[float] | None
+    finished: Sequence[float] | None
     worker: str | None
     pid: int | None
 

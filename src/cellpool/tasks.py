@@ -12,6 +12,7 @@ import threading
 import time
 import traceback
 import types
+from array import array
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -38,17 +39,18 @@ class Outcomes(NamedTuple):
 
     ``failures`` maps a position (counted from the first of these) to the failure and
     whether ``retry_on`` matched it; its value in ``values`` is ``None``. ``started``
-    and ``finished`` are on this machine's ``time.monotonic()`` clock.
+    and ``finished`` are on this machine's ``time.monotonic()`` clock, in arrays of
+    doubles, which pickle as one block of bytes and go into records as they are.
     """
 
     values: list[Any]
-    started: list[float]
-    finished: list[float]
+    started: array[float]
+    finished: array[float]
     failures: dict[int, tuple[Failure, bool]]
 
     @classmethod
     def empty(cls) -> Outcomes:
-        return cls([], [], [], {})
+        return cls([], array("d"), array("d"), {})
 
     def add(self, result: Result) -> None:
         value, failure, retryable, started, finished = result

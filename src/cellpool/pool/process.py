@@ -33,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import wait
@@ -643,12 +644,8 @@ def _unpickled(payload: bytes, count: int) -> Outcomes:
         failure = Failure(
             "PicklingError", f"could not unpickle the result: {type(error).__name__}: {error}"
         )
-        return Outcomes(
-            [None] * count,
-            [finished] * count,
-            [finished] * count,
-            dict.fromkeys(range(count), (failure, False)),
-        )
+        times = array("d", [finished]) * count
+        return Outcomes([None] * count, times, times, dict.fromkeys(range(count), (failure, False)))
     for position, (failure, retryable) in outcomes.failures.items():
         if isinstance(failure.exception, bytes):
             outcomes.failures[position] = (
