@@ -28,6 +28,14 @@ def hold_files(x, kept=[]):  # noqa: B006
     return os.getpid()
 
 
+def open_files_and_count(x, kept=[]):  # noqa: B006
+    """Keep 10 more files open; return (pid, fds open as the task started)."""
+    at_start = len(os.listdir("/proc/self/fd"))
+    kept.extend(open(os.devnull) for _ in range(10))  # noqa: SIM115 (kept open)
+    time.sleep(0.5)  # the monitor samples the files (4 times a second) before it ends
+    return os.getpid(), at_start
+
+
 def balloon(x):
     if x == 0:
         block = b"\x01" * (400 * MiB)
@@ -91,6 +99,17 @@ def test_a_worker_holding_files_is_paused_then_recycled_while_idle():
     assert results.ok
     assert len(set(results.values)) >= 2  # the worker holding its files was replaced
     assert any(state == "paused" and "fd_limit" in reason for state, reason in seen if reason)
+
+
+def test_no_task_starts_on_a_worker_at_its_fd_limit():  # case 24
+    # A worker at 90% of fd_limit (54 of 60) gets no new task. Prefetching broke this:
+    # a batch already waiting in the worker's pipe started whatever its files.
+    with Executor("process", 1, fd_limit=60, progress="none") as ex:
+        results = ex.run(open_files_and_count, range(8))
+    assert results.ok
+    starts = [fds for _, fds in results.values]
+    assert max(starts) < 54, starts
+    assert len({pid for pid, _ in results.values}) >= 2  # it was replaced to go on
 
 
 @pytest.mark.parametrize("kind", ["thread", "process"])

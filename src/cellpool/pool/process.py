@@ -41,6 +41,7 @@ from typing import Any
 
 import cloudpickle
 
+from .. import hooks
 from .. import worker as child
 from ..admission import Admission
 from ..results import Failure
@@ -552,6 +553,7 @@ class ProcessPool(Pool):
             if worker.conn is not None:
                 worker.conn.close()
                 worker.slot.close()  # type: ignore[union-attr]
+                hooks.at("process.worker-closed")  # its shared memory is gone
 
     def workers_info(self) -> list[dict[str, Any]]:
         rows = []

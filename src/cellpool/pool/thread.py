@@ -269,6 +269,7 @@ class ThreadPool(Pool):
             finished, stuck.outcomes = stuck.outcomes, Outcomes.empty()
         del self._workers[worker]
         self._abandoned.append(stuck)
+        hooks.at("thread.worker-abandoned")  # between losing a worker and replacing it
         self._replace()
         if batch is not None and finished.values:
             self._report(Completed(batch, 0, finished, worker, self._pid, final=False))
