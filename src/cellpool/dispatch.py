@@ -39,11 +39,21 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from . import hooks
 from .admission import Admission
 from .delivery import Deliveries
 from .errors import BrokenPool, TaskTimeout, WorkerCrashed
 from .monitor import Monitor
-from .pool.base import Changed, Completed, Phase, Pool, PoolBroken, WorkerGone, WorkerReady
+from .pool.base import (
+    Changed,
+    Completed,
+    Phase,
+    Pool,
+    PoolBroken,
+    Returned,
+    WorkerGone,
+    WorkerReady,
+)
 from .results import Failure
 from .runs import Run, RunState, StopMode
 from .sinks import Finished, FinishedBatch
@@ -169,6 +179,7 @@ class Dispatcher:
         self._runs: list[Run] = []
         self._batches: dict[int, Batch] = {}
         self._requeued: deque[tuple[Run, Task]] = deque()
+        self._returned: deque[Batch] = deque()  # tails given back, to be sent again
         self._retries: list[tuple[float, int, Run, Task]] = []
         self._retry_order = itertools.count()
         self._stops: dict[str, StopOrder] = {}
@@ -181,6 +192,7 @@ class Dispatcher:
             Completed: "_completed",
             WorkerReady: "_worker_ready",
             WorkerGone: "_worker_gone",
+            Returned: "_returned_tail",
             PoolBroken: "_pool_broken",
             Wake: "_wake",
             Changed: "_wake",
@@ -333,6 +345,9 @@ class Dispatcher:
         """Record the run's tasks waiting for a retry or another worker as ``status``."""
         waiting = [task for r, task in self._requeued if r is run]
         waiting += [entry[3] for entry in self._retries if entry[2] is run]
+        for tail in [t for t in self._returned if t.run is run]:
+            waiting += [tail.task(position) for position in range(len(tail.items))]
+        self._returned = deque(t for t in self._returned if t.run is not run)
         self._requeued = deque(e for e in self._requeued if e[0] is not run)
         self._retries = [e for e in self._retries if e[2] is not run]
         heapq.heapify(self._retries)
@@ -379,6 +394,17 @@ class Dispatcher:
                 self._complete(
                     run, task, status, None, failure, event.worker, event.pid, started, finished
                 )
+
+    def _returned_tail(self, event: Returned) -> None:
+        """A worker gave back the tasks of a batch it had not started: they wait to be
+        sent again, in batches sized by what is known now."""
+        self.pool.settle(event)
+        batch, first = event.batch, event.first
+        tail = [p for p in range(first, len(batch.items)) if batch.resolve(p)]
+        if tail:
+            self._returned.append(batch.part(tail[0], tail[-1] + 1))
+        if batch.unresolved == 0:
+            self._close(batch)
 
     def _worker_ready(self, event: WorkerReady) -> None:
         self._start_failures = 0
@@ -560,15 +586,41 @@ class Dispatcher:
         while True:
             batch = self._next_batch()
             if batch is None:
-                return
+                break
             self._batches[batch.seq] = batch
             self.pool.send(batch)
+        if self.pool.capacity(prefetch=False) > 0 and not self._waiting():
+            self._rebalance()
+
+    def _waiting(self) -> bool:
+        """True if tasks wait to be sent (a worker may just not be free for them)."""
+        return bool(self._requeued or self._returned or self._retries) or any(
+            run.input.buffered() for run in self._runs if run.state is RunState.ACTIVE
+        )
+
+    def _rebalance(self) -> None:
+        """A worker idles while nothing waits: the batch holding the most estimated work
+        not started is recalled, and what its worker gives back is shared out again. So
+        a batch sized when tasks were quick cannot keep slow ones from idle workers."""
+        now = time.monotonic()
+        for busy in self.pool.running():  # a task running long says tasks got slower
+            run = busy.batch.run
+            if run.item_seconds is not None and now - busy.started > run.item_seconds:
+                run.observe_task(now - busy.started)
+        best, most = None, 2 * self.pool.batch_seconds  # less is not worth a round trip
+        for batch in self._batches.values():
+            seconds = batch.run.item_seconds
+            if batch.recalled or batch.closed or seconds is None or batch.unresolved < 2:
+                continue
+            if batch.unresolved * seconds > most:
+                best, most = batch, batch.unresolved * seconds
+        if best is not None and self.pool.give_back(best):
+            best.recalled = True
+            hooks.at("dispatch.recalled")
 
     def _check_blocked(self) -> None:
         """Tell admission whether waiting work has nowhere to go (it warns if it lasts)."""
-        waiting = bool(self._requeued or self._retries) or any(
-            run.input.buffered() for run in self._runs if run.state is RunState.ACTIVE
-        )
+        waiting = self._waiting()
         blocked = waiting and self.pool.capacity() == 0
         self.admission.blocked(self.pool.pause_reasons() if blocked else [], waiting)
 
@@ -583,6 +635,15 @@ class Dispatcher:
                 return None
             _, _, run, task = heapq.heappop(self._retries)
             return Batch.of(run, task)
+        if self._returned:
+            if self.pool.capacity() <= 0:
+                return None
+            tail = self._returned[0]
+            count = tail.run.batch_size(self.workers, self.pool.batch_seconds)
+            if count >= len(tail.items):
+                return self._returned.popleft()
+            self._returned[0] = tail.part(count, len(tail.items))
+            return tail.part(0, count)
         for run in self._runs:  # first come, first served, as concurrent.futures users expect
             if run.state is not RunState.ACTIVE:
                 continue

@@ -71,7 +71,17 @@ class Batch:
     made so far per position.
     """
 
-    __slots__ = ("attempts", "closed", "indices", "items", "resolved", "run", "seq", "unresolved")
+    __slots__ = (
+        "attempts",
+        "closed",
+        "indices",
+        "items",
+        "recalled",
+        "resolved",
+        "run",
+        "seq",
+        "unresolved",
+    )
 
     def __init__(
         self,
@@ -88,10 +98,16 @@ class Batch:
         self.resolved = bytearray(len(items))
         self.unresolved = len(items)
         self.closed = False
+        self.recalled = False  # the dispatcher asked for its unstarted tasks back
 
     @classmethod
     def of(cls, run: Run, task: Task) -> Batch:
         return cls(run, [task.index], [task.item], [task.attempts])
+
+    def part(self, start: int, stop: int) -> Batch:
+        """A new batch of this one's positions ``start`` to ``stop``, none tried here."""
+        attempts = None if self.attempts is None else self.attempts[start:stop]
+        return Batch(self.run, self.indices[start:stop], self.items[start:stop], attempts)
 
     def task(self, position: int) -> Task:
         tried = 0 if self.attempts is None else self.attempts[position]

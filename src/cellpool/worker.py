@@ -11,7 +11,9 @@ Worker to parent:
     ``("init-failed", why)``: the pool is then broken, as the standard library's);
     ``("done", seq, start, count, final, outcomes)``: ``count`` outcomes of positions
     ``start``..., pickled apart so that the parent can still tell which tasks they were
-    when it cannot unpickle them; ``("out", stream, text)``: what tasks printed.
+    when it cannot unpickle them; ``("returned", seq, first)``: positions ``first``...
+    were not started and are given back (the parent recalled the batch, see ``Slot``);
+    ``("out", stream, text)``: what tasks printed.
 
 The worker writes what it is doing to shared memory (see ``Slot``): which task it runs
 and since when, or which batch it is loading or sending. So the parent knows what a
@@ -70,6 +72,8 @@ class Slot:
     A lane is five doubles: a phase and the batch it is about; the ticket of the task
     running, when it started (``time.monotonic()``: one clock for every process), and
     the ticket of the last task finished. A task runs while the two tickets differ.
+    After the lanes, one double the parent writes: batches numbered up to it are
+    *recalled*, and the worker gives back what it has not started of them.
     Each double is written with one aligned 8-byte store, so a reader never sees half
     a value; the worker writes the start time before the ticket, so a reader that sees
     a new ticket may pair it with an old time only in the direction that delays a
@@ -83,12 +87,20 @@ class Slot:
 
     @classmethod
     def create(cls, ctx: Any, threads: int) -> Slot:
-        shared = SharedDoubles.create(ctx, LANE * (threads + 1))
-        shared.view.cast("B")[:] = _FRESH_LANE * (threads + 1)
+        shared = SharedDoubles.create(ctx, LANE * (threads + 1) + 1)
+        shared.view.cast("B")[: 8 * LANE * (threads + 1)] = _FRESH_LANE * (threads + 1)
         return cls(shared, threads)
 
     def lane(self, index: int) -> memoryview:
         return self.cells[LANE * index : LANE * index + LANE]
+
+    @property
+    def recall_cell(self) -> memoryview:
+        return self.cells[LANE * (self.threads + 1) :]
+
+    def recall(self, seq: int) -> None:
+        """Recall every batch numbered up to ``seq`` (the parent's side)."""
+        self.cells[LANE * (self.threads + 1)] = seq
 
     def read(self) -> list[tuple[int, int, float]]:
         """(seq, position, started) of each task running now."""
@@ -236,7 +248,7 @@ def main(conn: Any, shared: Any, boot: Boot, threads: int) -> None:
     try:
         if threads == 1:
             for batch in batches:
-                _run_batch(channel, slot.lane(1), *batch)
+                _run_batch(channel, slot.lane(1), slot.recall_cell, *batch)
                 del batch  # hold no task's arguments while waiting for the next batch
         else:
             _run_on_threads(channel, slot, batches, threads)
@@ -284,7 +296,7 @@ def _run_on_threads(channel: _Channel, slot: Slot, batches: Iterator[tuple], thr
     def serve(lane: memoryview) -> None:
         try:
             while (batch := waiting.get()) is not None:
-                _run_batch(channel, lane, *batch)
+                _run_batch(channel, lane, slot.recall_cell, *batch)
                 del batch
         finally:
             release_worker_thread()
@@ -309,6 +321,7 @@ def _run_on_threads(channel: _Channel, slot: Slot, batches: Iterator[tuple], thr
 def _run_batch(
     channel: _Channel,
     lane: memoryview,
+    recall: memoryview,
     seq: int,
     fn: Any,
     star: bool,
@@ -317,12 +330,16 @@ def _run_batch(
     items: list[Any],
     blocked: Failure | None,
 ) -> None:
-    """Run a batch, sending outcomes at its end and at least every ``FLUSH_SECONDS``.
+    """Run a batch, sending outcomes at its end and at least every ``FLUSH_SECONDS``;
+    if the parent recalls it (``recall``), give back the tasks not started then.
 
     This is the hot loop for tiny tasks, so it is written out rather than calling
     ``tasks.call``: one clock read per task (a task starts when the one before ends),
     on the monotonic clock, which the lane and the records share.
     """
+    if recall[0] >= seq:
+        channel.send(("returned", seq, 0))
+        return
     base = seq * SEQ_SPAN
     if inspect.iscoroutinefunction(fn):
 
@@ -366,6 +383,9 @@ def _run_batch(
         lane[4] = base + position
         if now - flushed > FLUSH_SECONDS and position + 1 < len(items):
             channel.send_outcomes(lane, seq, start, outcomes, final=False)
+            if recall[0] >= seq:
+                channel.send(("returned", seq, position + 1))
+                return
             values, started, finished, failures = outcomes = Outcomes.empty()
             start, flushed = position + 1, now
     channel.send_outcomes(lane, seq, start, outcomes, final=True)

@@ -42,6 +42,14 @@ class Completed:
 
 
 @dataclass(slots=True)
+class Returned:
+    """A worker gave back ``batch`` positions ``first``... unstarted (see ``give_back``)."""
+
+    batch: Batch
+    first: int
+
+
+@dataclass(slots=True)
 class WorkerReady:
     """A worker has started and run the initializer: it may now be given work."""
 
@@ -112,7 +120,7 @@ class Pool(ABC):
         """Hand a batch to a worker; never blocks. Outcomes come back as facts."""
 
     @abstractmethod
-    def settle(self, event: Completed | WorkerGone) -> None:
+    def settle(self, event: Completed | WorkerGone | Returned) -> None:
         """Update the pool's own bookkeeping for a fact it posted."""
 
     @abstractmethod
@@ -136,6 +144,12 @@ class Pool(ABC):
     def starting(self) -> list[tuple[str, float]]:
         """Workers not ready yet, with when they started initializing (monotonic)."""
         return []
+
+    def give_back(self, batch: Batch) -> bool:
+        """Ask the worker holding ``batch`` to return the tasks it has not started, of
+        it and of every batch it was sent before; a ``Returned`` follows for each that
+        had some. False if this pool cannot (then nothing follows)."""
+        return False
 
     def batch_limit(self) -> int | None:
         """The most tasks the next batch may hold, if the pool has a limit."""

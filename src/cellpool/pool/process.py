@@ -54,6 +54,7 @@ from .base import (
     Pool,
     PoolBroken,
     Report,
+    Returned,
     Running,
     WorkerGone,
     WorkerReady,
@@ -390,6 +391,10 @@ class ProcessPool(Pool):
             return [WorkerReady(worker.id)]
         elif said == "init-failed":
             return [PoolBroken(f"the initializer failed: {event.message[1]}")]
+        elif said == "returned":
+            _, seq, first = event.message
+            batch = worker.in_flight.get(seq)
+            return [] if batch is None else [Returned(batch, first)]
         return []
 
     def _gone(self, worker: _Worker, exitcode: int | None, why: str | None) -> WorkerGone:
@@ -412,7 +417,12 @@ class ProcessPool(Pool):
             worker.id, worker.pid or 0, why, worker.ready, running, batch_phase, unreported
         )
 
-    def settle(self, event: Completed | WorkerGone) -> None:
+    def settle(self, event: Completed | WorkerGone | Returned) -> None:
+        if isinstance(event, Returned):
+            worker = self._holder(event.batch)
+            if worker is not None:
+                self._batch_ended(worker, event.batch)
+            return
         worker = self._workers.get(event.worker)
         if worker is None:
             return
@@ -420,9 +430,7 @@ class ProcessPool(Pool):
             worker.done += len(event.outcomes.values)
             worker.errors += len(event.outcomes.failures)
             if event.final:
-                worker.in_flight.pop(event.batch.seq, None)
-                if not worker.in_flight and (worker.state is WorkerState.RETIRING or self._closing):
-                    self._release(worker)
+                self._batch_ended(worker, event.batch)
             return
         worker.state = WorkerState.GONE
         del self._workers[worker.id]
@@ -430,6 +438,25 @@ class ProcessPool(Pool):
         self._leaving.append(worker)
         if not self._closing:
             self._spawn()
+
+    def _batch_ended(self, worker: _Worker, batch: Batch) -> None:
+        worker.in_flight.pop(batch.seq, None)
+        if not worker.in_flight and (worker.state is WorkerState.RETIRING or self._closing):
+            self._release(worker)
+
+    def _holder(self, batch: Batch) -> _Worker | None:
+        """The worker ``batch`` was sent to, if it is still there."""
+        for worker in self._workers.values():
+            if batch.seq in worker.in_flight:
+                return worker
+        return None
+
+    def give_back(self, batch: Batch) -> bool:
+        worker = self._holder(batch)
+        if worker is None or worker.slot is None or worker.state is WorkerState.STOPPING:
+            return False
+        worker.slot.recall(max(worker.in_flight))
+        return True
 
     def _release(self, worker: _Worker) -> None:
         """Ask an idle worker to exit (it is replaced when the reader sees it go)."""

@@ -28,7 +28,7 @@ from .. import hooks
 from ..admission import Admission
 from ..tasks import Batch, Outcomes, call_async, failure_of, release_worker_thread
 from . import base
-from .base import Completed, Pool, Report, Running, WorkerGone
+from .base import Completed, Pool, Report, Returned, Running, WorkerGone
 
 PREFETCH = 2  # batches queued per worker, so a worker never waits for the dispatcher
 
@@ -37,6 +37,7 @@ class ThreadState(enum.Enum):
     STARTING = "starting"  # running the initializer
     IDLE = "idle"  # waiting for a batch
     BUSY = "busy"  # running a batch
+    RETURNING = "returning"  # running a batch it gives back the rest of after this task
     ABANDONED = "abandoned"  # written off by the dispatcher; exits when its call returns
 
 
@@ -144,10 +145,10 @@ class ThreadPool(Pool):
             with worker.lock:
                 worker.state, worker.batch = ThreadState.BUSY, batch
             if batch.run.is_async:
-                finished = self._run_async(worker, batch)
+                unstarted = self._run_async(worker, batch)
             else:
-                finished = self._run_batch(worker, batch)
-            if not finished:
+                unstarted = self._run_batch(worker, batch)
+            if unstarted is None:
                 return  # abandoned: the dispatcher wrote this batch off and moved on
             hooks.at("thread.batch-ran")
             with worker.lock:
@@ -155,21 +156,28 @@ class ThreadPool(Pool):
                     return
                 outcomes, worker.outcomes = worker.outcomes, Outcomes.empty()
                 worker.state, worker.batch, worker.since = ThreadState.IDLE, None, time.monotonic()
-            self._report(Completed(batch, 0, outcomes, worker.id, self._pid))
+            if unstarted == len(batch.items):
+                self._report(Completed(batch, 0, outcomes, worker.id, self._pid))
+            else:
+                self._report(Completed(batch, 0, outcomes, worker.id, self._pid, final=False))
+                self._report(Returned(batch, unstarted))
             del batch, outcomes  # hold no task's values while waiting for the next batch
 
-    def _run_batch(self, worker: _Worker, batch: Batch) -> bool:
+    def _run_batch(self, worker: _Worker, batch: Batch) -> int | None:
         """The hot loop for tiny tasks, written out as the process worker's is: one
-        clock read per task, on the monotonic clock (timeouts and records share it)."""
+        clock read per task, on the monotonic clock (timeouts and records share it).
+
+        Returns the first position it did not run (all ran: the batch's length), or
+        ``None`` if the dispatcher abandoned the thread."""
         run = batch.run
         fn, star, retry_on = run.fn, run.star, run.retry_on
-        lock, abandoned = worker.lock, ThreadState.ABANDONED
+        lock, abandoned, returning = worker.lock, ThreadState.ABANDONED, ThreadState.RETURNING
         values, started, finished, failures = worker.outcomes
         clock = time.monotonic
         now = clock()
         for position, item in enumerate(batch.items):
             if run.stopped:
-                break
+                return position
             with lock:
                 worker.current = (position, now)
             failure = None
@@ -179,8 +187,9 @@ class ThreadPool(Pool):
                 failure, value = (failure_of(exc), isinstance(exc, retry_on)), None
             end = clock()
             with lock:
-                if worker.state is abandoned:
-                    return False
+                state = worker.state
+                if state is abandoned:
+                    return None
                 worker.current = None
                 if failure is not None:
                     failures[len(values)] = failure
@@ -189,10 +198,12 @@ class ThreadPool(Pool):
                 started.append(now)
                 finished.append(end)
                 worker.done += 1
+            if state is returning:
+                return position + 1
             now = end
-        return True
+        return len(batch.items)
 
-    def _run_async(self, worker: _Worker, batch: Batch) -> bool:
+    def _run_async(self, worker: _Worker, batch: Batch) -> int | None:
         """The batch's coroutines together on this thread's event loop."""
         run = batch.run
 
@@ -205,11 +216,11 @@ class ThreadPool(Pool):
         )
         with worker.lock:
             if worker.state is ThreadState.ABANDONED:
-                return False
+                return None
             worker.outcomes = outcomes
             worker.done += len(outcomes.values)
             worker.errors += len(outcomes.failures)
-        return True
+        return len(batch.items)
 
     # -- the dispatcher's side -----------------------------------------------------
 
@@ -233,11 +244,19 @@ class ThreadPool(Pool):
         self._in_flight += 1
         self._queue.put(batch)
 
-    def settle(self, event: Completed | WorkerGone) -> None:
+    def settle(self, event: Completed | WorkerGone | Returned) -> None:
         if isinstance(event, WorkerGone):
             self._in_flight -= bool(event.running)
-        elif event.final:
+        elif isinstance(event, Returned) or event.final:
             self._in_flight -= 1
+
+    def give_back(self, batch: Batch) -> bool:
+        for worker in self._workers.values():
+            with worker.lock:
+                if worker.batch is batch and worker.state is ThreadState.BUSY:
+                    worker.state = ThreadState.RETURNING
+                    return True
+        return False
 
     def running(self) -> list[Running]:
         busy = []
@@ -312,7 +331,7 @@ class ThreadPool(Pool):
             if state is ThreadState.ABANDONED:
                 reason = "stopped while running; the thread cannot be killed"
                 shown = "abandoned"
-            elif state is ThreadState.BUSY:
+            elif state in (ThreadState.BUSY, ThreadState.RETURNING):
                 shown = "busy"
             elif state is ThreadState.STARTING:
                 shown = "starting"
