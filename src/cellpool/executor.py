@@ -494,7 +494,7 @@ class MapIterator(Iterator[Any]):
 
     Closing it (or dropping it after reading from it) cancels the tasks not started, as
     the standard library's iterator does; dropping it unread lets the work finish and
-    keeps none of the values. Values come from the sink a block at a time, so reading
+    keeps none of the values. Values come from the sink a chunk at a time, so reading
     one costs a ``deque.popleft``.
     """
 
@@ -507,7 +507,7 @@ class MapIterator(Iterator[Any]):
         self._post = post
         self._block: deque[Any] = deque()
         self._read = [False]  # shared with the finalizer, which must not hold self
-        self._block_size = max(1, run.max_pending // 8)
+        self._announce_every = max(1, run.max_pending // 8)
         self._unannounced = 0  # values taken since the dispatcher was last woken
         self._finalizer = weakref.finalize(self, _map_dropped, run, sink, post, self._read)
 
@@ -524,11 +524,11 @@ class MapIterator(Iterator[Any]):
     def _next_block(self) -> Any:
         self._read[0] = True
         self._sink.returned()
-        if self._run.input.starved and self._unannounced >= self._block_size:
+        if self._run.input.starved and self._unannounced >= self._announce_every:
             self._unannounced = 0  # the input waits for room: tell the dispatcher there is
             self._post(Wake())
         try:
-            self._block.extend(self._sink.take(self._deadline, self._block_size))
+            self._block.extend(self._sink.take(self._deadline))
         except StopIteration:
             self._finalizer.detach()
             raise

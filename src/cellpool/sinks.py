@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -130,15 +130,17 @@ class Raised:
 class OrderedSink:
     """Holds finished values until the consumer of ``map`` reaches them, in input order.
 
-    The consumer takes them a block at a time (``take``); the block it holds counts as
-    buffered until it has read it all (``returned``), so ``max_pending`` still bounds
-    what is held.
+    Values are kept in *chunks*: the values of consecutive indices that finished
+    together (a batch's, or a part of one), keyed by the first index. The consumer takes
+    the chunk that comes next whole (``take``); it counts as held until the consumer
+    has read it all (``returned``), so ``max_pending`` still bounds what is held.
     """
 
     def __init__(self) -> None:
-        self._ready: dict[int, Any] = {}  # index -> value, or Raised
+        self._chunks: dict[int, list[Any]] = {}  # first index -> values (or Raised)
+        self._held = 0  # values in _chunks
         self._next = 0
-        self._lent = 0  # values of the block the consumer holds
+        self._lent = 0  # values of the chunk the consumer reads
         self._discarding = False  # nobody will read: the work goes on, values are dropped
         self._ended = False
         self._input_error: BaseException | None = None
@@ -148,33 +150,39 @@ class OrderedSink:
         value = (
             done.value if done.failure is None else Raised(exception_of(done.status, done.failure))
         )
-        with self._changed:
-            if self._discarding:
-                return
-            self._ready[done.task.index] = value
-            if done.task.index == self._next:
-                self._changed.notify()
+        self._add(done.task.index, [value])
 
     def put_many(self, done: FinishedBatch) -> None:
+        count = len(done.items)
         if done.failure is None:
-            values: Iterable[Any] = done.values or [None] * len(done.items)
+            values = done.values or [None] * count
         else:
-            values = [Raised(exception_of(done.status, done.failure))] * len(done.items)
+            values = [Raised(exception_of(done.status, done.failure))] * count
+        indices = done.indices
+        if isinstance(indices, range) and indices.step == 1:
+            self._add(indices.start, values)
+        else:
+            for index, value in zip(indices, values, strict=True):
+                self._add(index, [value])
+
+    def _add(self, first: int, values: list[Any]) -> None:
         with self._changed:
             if self._discarding:
                 return
-            self._ready.update(zip(done.indices, values, strict=True))
-            if self._next in self._ready:
+            self._chunks[first] = values
+            self._held += len(values)
+            if first == self._next:
                 self._changed.notify()
 
     def buffered(self) -> int:
-        return len(self._ready) + self._lent
+        return self._held + self._lent
 
     def discard(self) -> None:
         """The iterator was dropped unread: keep no value from now on."""
         with self._changed:
             self._discarding = True
-            self._ready.clear()
+            self._chunks.clear()
+            self._held = 0
 
     def finish(self, run: Run) -> None:
         with self._changed:
@@ -183,34 +191,32 @@ class OrderedSink:
             self._changed.notify()
 
     def returned(self) -> None:
-        """The consumer has read every value of its block."""
+        """The consumer has read every value of its chunk."""
         with self._changed:
             self._lent = 0
 
-    def take(self, deadline: float | None, most: int) -> list[Any]:
-        """The next values in input order, up to ``most`` (a value may be ``Raised``).
+    def take(self, deadline: float | None) -> list[Any]:
+        """The next chunk of values in input order (a value may be ``Raised``).
 
-        Waits for the first; raises ``StopIteration`` at the end and ``TimeoutError``
-        past ``deadline``.
+        Waits for it; raises ``StopIteration`` at the end and ``TimeoutError`` past
+        ``deadline``.
         """
         with self._changed:
-            ready = self._ready
-            while self._next not in ready and not self._ended:
+            chunks = self._chunks
+            while self._next not in chunks and not self._ended:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError("map() timed out waiting for a result")
                 self._changed.wait(remaining)
-            first = self._next
-            if first not in ready:
+            chunk = chunks.pop(self._next, None)
+            if chunk is None:
                 if self._input_error is not None:
                     raise self._input_error
                 raise StopIteration
-            stop = first + 1
-            while stop in ready and stop - first < most:
-                stop += 1
-            self._next = stop
-            self._lent = stop - first
-            return [ready.pop(index) for index in range(first, stop)]
+            self._next += len(chunk)
+            self._held -= len(chunk)
+            self._lent = len(chunk)
+            return chunk
 
 
 class FutureSink:

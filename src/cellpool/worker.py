@@ -1,11 +1,12 @@
 """The loop of a worker process (this module runs in the child).
 
 Parent to worker, over the worker's own duplex pipe:
-    ``(seq, run_id, job, count, items)``: run ``job`` (a pickled ``(fn, star, retry_on,
-    timeout)``, or ``None`` when this worker already holds the run's) over each of the
-    ``count`` items (pickled apart, so that a batch the worker cannot unpickle fails as
-    records rather than killing the worker), ``fn(*item)`` if ``star`` else ``fn(item)``;
-    ``None``: exit.
+    ``(seq, run_id, job, count, stand_ins, items)``: run ``job`` (a pickled ``(fn, star,
+    retry_on, timeout)``, or ``None`` when this worker already holds the run's) over each
+    of the ``count`` items (pickled apart, so that a batch the worker cannot unpickle
+    fails as records rather than killing the worker), ``fn(*item)`` if ``star`` else
+    ``fn(item)``; ``stand_ins`` says whether some items are ``Unpicklable`` stand-ins
+    for inputs the parent could not pickle; ``None``: exit.
 Worker to parent:
     ``("hello",)`` once started; ``("ready",)`` once the initializer has run (or
     ``("init-failed", why)``: the pool is then broken, as the standard library's);
@@ -268,7 +269,7 @@ def _received(conn: Any, lane: memoryview) -> Iterator[tuple]:
         message = pickle.loads(data)
         if message is None:
             return
-        seq, run_id, job, count, payload = message  # the header always loads
+        seq, run_id, job, count, stand_ins, payload = message  # the header always loads
         lane[1] = seq
         if job is not None:
             lane[0] = LOADING_FUNCTION
@@ -285,7 +286,7 @@ def _received(conn: Any, lane: memoryview) -> Iterator[tuple]:
         if lost is not None:
             items = [None] * count
         blocked = (fn.failure if isinstance(fn, Unpicklable) else None) or lost
-        yield seq, fn, star, retry_on, timeout, items, blocked
+        yield seq, fn, star, retry_on, timeout, items, blocked, stand_ins
         del items, fn  # hold no task's arguments while waiting for the next batch
 
 
@@ -329,13 +330,15 @@ def _run_batch(
     timeout: float | None,
     items: list[Any],
     blocked: Failure | None,
+    stand_ins: bool,
 ) -> None:
     """Run a batch, sending outcomes at its end and at least every ``FLUSH_SECONDS``;
     if the parent recalls it (``recall``), give back the tasks not started then.
 
     This is the hot loop for tiny tasks, so it is written out rather than calling
-    ``tasks.call``: one clock read per task (a task starts when the one before ends),
-    on the monotonic clock, which the lane and the records share.
+    ``tasks.call``: one clock read per task (a task starts when the one before ends, so
+    start times are filled in per flush, not per task), on the monotonic clock, which
+    the lane and the records share.
     """
     if recall[0] >= seq:
         channel.send(("returned", seq, 0))
@@ -360,14 +363,17 @@ def _run_batch(
         )
         channel.send_outcomes(lane, seq, 0, outcomes, final=True)
         return
-    values, started, finished, failures = outcomes = Outcomes.empty()
+    values, _, finished, failures = outcomes = Outcomes.empty()
+    checked = blocked is not None or stand_ins
     clock = time.monotonic
-    start = 0
-    now = flushed = clock()
+    start, last = 0, len(items) - 1
+    now = began = clock()
+    flush_at = now + FLUSH_SECONDS
     for position, item in enumerate(items):
+        ticket = base + position
         lane[3] = now
-        lane[2] = base + position
-        if blocked is not None or isinstance(item, Unpicklable):
+        lane[2] = ticket
+        if checked and (blocked is not None or type(item) is Unpicklable):
             failures[len(values)] = (blocked or item.failure, False)
             value = None
         else:
@@ -377,15 +383,22 @@ def _run_batch(
                 failures[len(values)] = (failure_of(exc), isinstance(exc, retry_on))
                 value = None
         values.append(value)
-        started.append(now)
         now = clock()
         finished.append(now)
-        lane[4] = base + position
-        if now - flushed > FLUSH_SECONDS and position + 1 < len(items):
-            channel.send_outcomes(lane, seq, start, outcomes, final=False)
+        lane[4] = ticket
+        if now > flush_at and position < last:
+            channel.send_outcomes(lane, seq, start, _started(outcomes, began), final=False)
             if recall[0] >= seq:
                 channel.send(("returned", seq, position + 1))
                 return
-            values, started, finished, failures = outcomes = Outcomes.empty()
-            start, flushed = position + 1, now
-    channel.send_outcomes(lane, seq, start, outcomes, final=True)
+            values, _, finished, failures = outcomes = Outcomes.empty()
+            start, began, flush_at = position + 1, now, now + FLUSH_SECONDS
+    channel.send_outcomes(lane, seq, start, _started(outcomes, began), final=True)
+
+
+def _started(outcomes: Outcomes, began: float) -> Outcomes:
+    """Fill in start times: the first task began at ``began``, each other one as the
+    one before it finished."""
+    outcomes.started.append(began)
+    outcomes.started.extend(outcomes.finished[:-1])
+    return outcomes

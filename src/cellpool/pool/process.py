@@ -650,6 +650,7 @@ class ProcessPool(Pool):
 
 def _message(batch: Batch, job: bytes | None) -> bytes:
     """The batch as bytes; inputs that cannot be pickled become error stand-ins."""
+    stand_ins = False
     try:
         items = cloudpickle.dumps(batch.items)
     except Exception:
@@ -660,8 +661,10 @@ def _message(batch: Batch, job: bytes | None) -> bytes:
                 checked.append(item)
             except Exception as error:
                 checked.append(child.Unpicklable("arguments", error))
+                stand_ins = True
         items = cloudpickle.dumps(checked)
-    return pickle.dumps((batch.seq, batch.run.serial, job, len(batch.items), items))
+    header = (batch.seq, batch.run.serial, job, len(batch.items), stand_ins)
+    return pickle.dumps((*header, items))
 
 
 def _unpickled(payload: bytes, count: int) -> Outcomes:
