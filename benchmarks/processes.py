@@ -343,11 +343,15 @@ CASES: dict[str, Case] = {
         "cellpool run, forkserver",
         partial(cold, cellpool_run),
         "records included",
-        peer="cellpool",
+        peer="cellpool.executor",
     ),
     "warm-ppe": Case("warm", "PPE.map, forkserver, chunksize=500", warm_ppe, "baseline"),
     "warm-cellpool": Case(
-        "warm", "cellpool run, forkserver", warm_cellpool, "records included", peer="cellpool"
+        "warm",
+        "cellpool run, forkserver",
+        warm_cellpool,
+        "records included",
+        peer="cellpool.executor",
     ),
     "cpu-bare-fork": Case(
         "cpu",
@@ -363,7 +367,7 @@ CASES: dict[str, Case] = {
     "cpu-joblib": Case("cpu", "joblib Parallel (loky)", partial(cpu, joblib_list), peer="joblib"),
     "cpu-mpire": Case("cpu", "mpire WorkerPool.map", partial(cpu, mpire_list), peer="mpire"),
     "cpu-cellpool": Case(
-        "cpu", "cellpool run, forkserver", partial(cpu, cellpool_run), peer="cellpool"
+        "cpu", "cellpool run, forkserver", partial(cpu, cellpool_run), peer="cellpool.executor"
     ),
     **{
         f"{order}-{name}": Case(
@@ -385,7 +389,7 @@ CASES: dict[str, Case] = {
             ),
             ("joblib", "joblib Parallel (loky)", joblib_list, "joblib"),
             ("mpire", "mpire WorkerPool.map", mpire_list, "mpire"),
-            ("cellpool", "cellpool run, forkserver", cellpool_run, "cellpool"),
+            ("cellpool", "cellpool run, forkserver", cellpool_run, "cellpool.executor"),
         ]
     },
     "stream-ppe": Case(
@@ -396,13 +400,13 @@ CASES: dict[str, Case] = {
         "cellpool run, forkserver",
         partial(stream, cellpool_run),
         "records included",
-        peer="cellpool",
+        peer="cellpool.executor",
     ),
     "stream-cellpool-map": Case(
         "stream",
         "cellpool map, forkserver, summed",
         partial(stream, cellpool_map_sum),
-        peer="cellpool",
+        peer="cellpool.executor",
     ),
 }
 BASELINES = {"cold": "cold-ppe-forkserver", "warm": "warm-ppe", "stream": "stream-ppe"}
