@@ -4,7 +4,8 @@ Threads of an executor, and what each owns::
 
     caller threads    Executor, Job     post events; read snapshots and run counters
     dispatcher        this module       runs, batches, retries, stop orders, records
-    feeder (per run)  feeder.py         iterating the run's input (user code)
+    feeder (per run)  feeder.py         iterating the run's input (user code); lists,
+                                        tuples and ranges have none (runs.SequenceInput)
     delivery          delivery.py       completing futures (user callbacks)
     pool threads      pool/*.py         running tasks (threads), or the process pool's
                                         reader (pipes, reaping) and senders (pickling,
@@ -13,14 +14,16 @@ Threads of an executor, and what each owns::
 
 Event flow::
 
-    submit/run/map --AddRun--> dispatcher --send--> pool --> workers
-    feeder --InputArrived-->       |   <--Completed/WorkerReady/WorkerGone/PoolBroken--
+    submit/run/map --AddRun--> dispatcher --send/give_back--> pool --> workers
+    feeder --Wake-->               |   <--Completed/Returned/WorkerReady/WorkerGone/PoolBroken--
     cancel/shutdown/gc/exit -->    |--records--> sink --futures--> delivery threads
 
 The dispatcher never blocks on anything but its own event queue, and never runs user
 code: it does not iterate inputs, pickle, write to pipes or complete futures. Timeouts
 are its alone to enforce, on the monotonic clock, for every kind of pool: it orders a
-stop and, when the pool reports the worker gone, gives the task its record.
+stop and, when the pool reports the worker gone, gives the task its record. When a
+worker idles and nothing waits, it recalls the batch holding the most work not started
+(``_rebalance``); what the worker gives back (``Returned``) is sent again.
 """
 
 from __future__ import annotations
