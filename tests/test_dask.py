@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 import uuid
 
+import psutil
 import pytest
 
 from cellpool import Executor
@@ -119,3 +121,137 @@ def test_functions_and_classes_defined_in_main_travel_to_dask_workers(tmp_path):
 def test_dask_options_are_checked():
     with pytest.raises(ValueError, match="applies to kind='dask' only"):
         Executor("thread", address="tcp://127.0.0.1:1")
+
+
+# -- one bad task costs one record -----------------------------------------------------
+
+
+def segfault_at_1234(x):
+    if x == 1234:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return x
+
+
+def hang_at_1234(x):
+    if x == 1234:
+        time.sleep(3600)
+    return x
+
+
+@pytest.mark.timeout(300)
+def test_one_segfault_among_many_tiny_tasks_costs_one_crashed_record():
+    with Executor("dask", 2, progress="none") as ex:
+        results = ex.run(segfault_at_1234, range(2000))
+    assert len(results) == 2000
+    crashed = [r for r in results if r.status != "ok"]
+    assert [(r.index, r.status) for r in crashed] == [(1234, "crashed")]
+    assert "KilledWorker" in crashed[0].error
+    assert results.values[:1234] == list(range(1234))
+
+
+@pytest.mark.timeout(300)
+def test_one_hung_task_among_many_costs_one_timeout_record():
+    with Executor("dask", 2, timeout=2, progress="none") as ex:
+        results = ex.run(hang_at_1234, range(2000))
+    assert len(results) == 2000
+    failed = [r for r in results if r.status != "ok"]
+    assert [(r.index, r.status) for r in failed] == [(1234, "timeout")]
+    assert failed[0].error == "the task ran past its 2 s timeout"
+
+
+def test_a_timeout_counts_from_the_start_of_the_task_not_from_its_hand_over(tmp_path):
+    slow_started = tmp_path / "slow-started"
+
+    def slow_then_quick(seconds):
+        if seconds > 1:
+            slow_started.touch()
+        elif not slow_started.exists():  # the order this test is about did not happen
+            raise AssertionError("the quick task ran before the slow one")
+        time.sleep(seconds)
+        return seconds
+
+    began = time.monotonic()
+    with Executor("dask", 1, timeout=2, progress="none") as ex:  # one worker thread
+        results = ex.run(slow_then_quick, [30, 0.1])
+        waited = time.monotonic() - began
+    assert [r.status for r in results] == ["timeout", "ok"], results.errors
+    # the quick task started once the slow one was given up, not when it ended
+    assert waited < 25
+
+
+# -- what listens where, and how a script ends ------------------------------------------
+
+
+def listening_addresses(processes):
+    found = set()
+    for process in processes:
+        for conn in process.net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN:
+                found.add((process.pid, conn.laddr.ip, conn.laddr.port))
+    return found
+
+
+def test_everything_a_local_cluster_starts_listens_on_loopback_only():
+    before = {port for _, _, port in listening_addresses([psutil.Process()])}
+    with Executor("dask", 2, progress="none") as ex:
+        assert ex.run(abs, [-1]).values == [1]
+        ours = [psutil.Process(), *psutil.Process().children(recursive=True)]
+        listening = {
+            (pid, ip, port)
+            for pid, ip, port in listening_addresses(ours)
+            if pid != os.getpid() or port not in before
+        }
+        dashboard = ex._pool._cluster.dashboard_link
+    assert len(listening) >= 5, listening  # scheduler, dashboard, two nannies, two workers
+    assert {ip for _, ip, _ in listening} <= {"127.0.0.1", "::1"}, listening
+    assert dashboard.startswith("http://127.0.0.1:")
+
+
+UNGUARDED = """
+import cellpool
+
+with cellpool.Executor("dask", 2, progress="none") as ex:
+    print(ex.run(abs, [-1, -2]).values)
+"""
+
+
+def test_an_unguarded_script_works_or_says_at_once_what_to_add(tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
+    output = done.stdout + done.stderr
+    if done.returncode == 0:
+        assert done.stdout.strip() == "[1, 2]"
+    else:
+        assert 'if __name__ == "__main__":' in output
+    assert len(output.splitlines()) <= 12, output
+
+
+DROPPED = """
+import time
+
+import cellpool
+
+def main():
+    ex = cellpool.Executor("dask", 2, progress="none")
+    print(ex.run(abs, [-1, -2]).values)
+    return ex
+
+if __name__ == "__main__":
+    KEPT = main()  # never shut down, and busy at exit: its work finishes, then it closes
+    JOB = KEPT.start(time.sleep, [0.2] * 10)
+    main()  # dropped at once
+"""
+
+
+def test_an_executor_dropped_or_left_open_exits_quietly(tmp_path):
+    script = tmp_path / "dropped.py"
+    script.write_text(DROPPED)
+    began = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[1, 2]", "[1, 2]"]
+    assert done.stderr == ""
+    assert time.monotonic() - began < 60

@@ -25,6 +25,7 @@ stop and, when the pool reports the worker gone, gives the task its record.
 
 from __future__ import annotations
 
+import concurrent.futures.thread  # noqa: F401 (its exit hook first: ours must run before it)
 import enum
 import heapq
 import itertools
