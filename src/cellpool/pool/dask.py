@@ -248,6 +248,7 @@ class DaskPool(Pool):
                 security=security,
             )
             address = self._cluster.scheduler_address
+            self._local_workers = len(self._cluster.workers)
         self._own_client = client is None
         self._client = client or distributed.Client(address, security=security)
         # dask merges tasks with equal keys: batch numbers restart in every process, so
@@ -274,6 +275,11 @@ class DaskPool(Pool):
         try:
             while not self._closing.wait(INFO_SECONDS):
                 self._info = self._scheduler_workers()
+                cluster = self._cluster
+                if cluster is not None and len(cluster.workers) < self._local_workers:
+                    # a nanny whose new worker died while starting (a task that kills
+                    # every worker it runs on) gives up: start another in its place
+                    cluster.scale(self._local_workers)
         finally:
             self._shut()
             self._closed = True
