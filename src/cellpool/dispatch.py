@@ -28,6 +28,7 @@ worker idles and nothing waits, it recalls the batch holding the most work not s
 
 from __future__ import annotations
 
+import concurrent.futures.thread  # noqa: F401 (its exit hook first: ours must run before it)
 import enum
 import heapq
 import itertools

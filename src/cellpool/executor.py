@@ -194,6 +194,7 @@ class Executor(futures.Executor):
         start_method: str | None = None,
         address: str | None = None,
         client: Any = None,
+        security: Any = None,
         memory_pause: float = 0.80,
         fd_pause: float = 0.90,
     ) -> None:
@@ -225,7 +226,7 @@ class Executor(futures.Executor):
         self.concurrency = check.positive_int(
             "concurrency", DEFAULT_CONCURRENCY if concurrency is None else concurrency
         )
-        for name, given in {"address": address, "client": client}.items():
+        for name, given in {"address": address, "client": client, "security": security}.items():
             if given is not None and self.kind != "dask":
                 raise ValueError(f"{name} applies to kind='dask' only")
         for name, given in {
@@ -247,7 +248,13 @@ class Executor(futures.Executor):
         # The dispatcher exists before the pool, whose threads post to it from the start.
         self._dispatcher = Dispatcher(self.workers, self._admission, self._defaults["timeout"])
         self._pool = self._make_pool(
-            initializer, tuple(initargs), start_method, max_tasks_per_worker, address, client
+            initializer,
+            tuple(initargs),
+            start_method,
+            max_tasks_per_worker,
+            address,
+            client,
+            security,
         )
         hooks.at("executor.pool-made")  # its workers may report before the dispatcher runs
         if isinstance(self._pool, DaskPool) and workers is None:
@@ -273,6 +280,7 @@ class Executor(futures.Executor):
         max_tasks_per_worker: int | None,
         address: str | None,
         client: Any,
+        security: Any,
     ) -> Pool:
         post = self._dispatcher.post
         if self.kind == "thread":
@@ -289,7 +297,7 @@ class Executor(futures.Executor):
                 threads_per_worker=self.threads_per_worker,
             )
         local_workers = self.workers if address is None and client is None else None
-        return DaskPool(local_workers, post, address, client)
+        return DaskPool(local_workers, post, address, client, security)
 
     def _options(self, caller: str, opts: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(opts) - set(RUN_OPTIONS))

@@ -3,25 +3,47 @@
 dask does the scheduling across machines; cellpool keeps its own window, batching and
 records on top. Each batch is one dask task (``pure=False``, so identical calls are
 never merged), which runs the batch's tasks in the dask worker and returns their
-outcomes column-wise, with the worker's address. A dask worker that dies is replaced
-by its nanny and its tasks are rescheduled by dask; a batch that keeps killing workers
-ends ``"crashed"``. Worker figures come from the scheduler (``scheduler_info()``).
+outcomes column-wise, with the worker's address.
+
+In the dask worker, a batch runs on a thread of cellpool's own (``_Runner``) while the
+dask thread that was given it watches: it reports a task that has run for a while (its
+position and how long it has run, as an event on the pool's topic), so the timeout
+counts from the task's start, and it walks away from a batch that was cancelled (a
+timeout or a cancel), so the dask thread takes the next batch while the task it cannot
+interrupt goes on alone.
+
+A batch that dask gives up on (``KilledWorker``: it was running on every worker that
+died) is split: its tasks come back one per batch, and while such suspects wait, the
+pool runs one batch at a time, so a dask worker that dies with a suspect alone on the
+cluster names the culprit. Finished results of a batch that failed are run again: a
+batch holds about ``batch_seconds`` of work.
+
+Everything that talks to the scheduler and may wait (its figures, closing the client
+and the cluster) runs on the pool's own thread, never on the dispatcher's.
 """
 
 from __future__ import annotations
 
+import ast
+import contextvars
 import os
+import queue
+import sys
+import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
+from ..runs import Run, RunState
 from ..shipping import pack, unpack
 from ..tasks import Batch, Outcomes, call, call_async
-from .base import Completed, Pool, Report, Running, WorkerGone
+from .base import Changed, Completed, Pool, Report, Running, WorkerGone
 
 PREFETCH = 4  # batches handed to dask per worker thread
 PACKED_RUNS = 8  # runs whose packed function is kept for their next batches
 INFO_SECONDS = 1.0  # how often the scheduler's figures are asked for
+WATCH_SECONDS = 0.1  # how often a dask thread looks at its batch; a task this long is reported
 
 
 def _dask_distributed() -> Any:
@@ -34,81 +56,277 @@ def _dask_distributed() -> Any:
     return distributed
 
 
-def run_batch(fn: Any, star: bool, retry_on: tuple, timeout: float | None, items: list) -> tuple:
-    """Runs in a dask worker: the batch's tasks, and where they ran.
+# -- in the dask worker ------------------------------------------------------------------
+
+
+class _Job:
+    """A batch as a runner thread runs it; ``now`` is (position, monotonic start) of the
+    task running, position -1 when none is."""
+
+    def __init__(self, fn: Any, star: bool, retry_on: tuple, timeout: float | None, items: list):
+        self.fn = fn
+        self.star = star
+        self.retry_on = retry_on
+        self.timeout = timeout
+        self.items = items
+        self.outcomes = Outcomes.empty()
+        self.now = (-1, 0.0)
+        self.done = threading.Event()
+        self.abandoned = False
+
+    def run(self) -> None:
+        import inspect
+
+        if inspect.iscoroutinefunction(self.fn):
+
+            def on_step(position: int, started: float) -> None:
+                self.now = (position, started)
+
+            self.outcomes = call_async(
+                self.fn, self.star, self.items, self.retry_on, self.timeout, _never, on_step
+            )
+            return
+        for position, item in enumerate(self.items):
+            self.now = (position, time.monotonic())
+            self.outcomes.add(call(self.fn, item, self.star, self.retry_on))
+            if self.abandoned:
+                return
+        self.now = (-1, 0.0)
+
+
+def _never(item: Any) -> None:
+    """Nothing keeps an async task of a dask batch from running."""
+
+
+class _Runner:
+    """A thread that runs the batches of one dask worker thread, one at a time."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue[tuple[contextvars.Context, _Job]] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="cellpool-dask-runner", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            context, job = self.jobs.get()
+            try:
+                context.run(job.run)
+            finally:
+                job.done.set()
+            if job.abandoned:
+                return  # its dask thread has a new runner
+
+
+_runners = threading.local()  # each dask worker thread's runner
+
+
+def run_batch(
+    fn: Any, star: bool, retry_on: tuple, timeout: float | None, items: list, topic: str
+) -> tuple | None:
+    """Runs in a dask worker: the batch's tasks, and where they ran (``None`` if the
+    batch was cancelled meanwhile: nobody waits for it).
 
     ``fn`` comes as ``shipping.pack`` bytes (the scheduler passes them on untouched),
-    or as itself when those could not be made."""
-    import inspect
-
+    or as itself when those could not be made. A task that has run ``WATCH_SECONDS``
+    is reported on ``topic`` as ``[key, position, seconds run, worker address]``."""
     from distributed import get_worker
 
     if isinstance(fn, bytes):
         fn = unpack(fn)
-    if inspect.iscoroutinefunction(fn):
-        outcomes = call_async(fn, star, items, retry_on, timeout, lambda item: None)
-    else:
-        outcomes = Outcomes.empty()
-        for item in items:
-            outcomes.add(call(fn, item, star, retry_on))
-    return get_worker().address, os.getpid(), outcomes
+    worker = get_worker()
+    key = worker.get_current_task()
+    runner = getattr(_runners, "runner", None) or _Runner()
+    _runners.runner = runner
+    job = _Job(fn, star, retry_on, timeout, items)
+    runner.jobs.put((contextvars.copy_context(), job))  # get_worker() works in tasks
+    reported = -1
+    while not job.done.wait(WATCH_SECONDS):
+        position, started = job.now
+        ran = time.monotonic() - started
+        if position >= 0 and position != reported and ran >= WATCH_SECONDS:
+            worker.log_event(topic, [key, position, ran, worker.address])
+            reported = position
+        task = worker.state.tasks.get(key)
+        if task is None or task.state != "executing":  # cancelled: walk away
+            job.abandoned = True
+            _runners.runner = None
+            return None
+    return worker.address, os.getpid(), job.outcomes
+
+
+# -- in the client -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Started:
+    """A dask worker reports that task ``position`` of batch ``seq`` has run a while."""
+
+    seq: int
+    position: int
+    started: float  # monotonic, on this machine
+    worker: str
+
+
+@dataclass(slots=True)
+class _Failed:
+    """dask could not run a batch."""
+
+    batch: Batch
+    error: BaseException
+
+
+def unguarded_line() -> int | None:
+    """The line of the running script that is starting a local cluster outside an
+    ``if __name__ == "__main__":`` block, if it is: the cluster's worker processes,
+    started by spawn, would run it again."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None:  # a notebook, a REPL, python -c: nothing is run again
+        return None
+    line = None
+    frame = sys._getframe()
+    while frame is not None:  # the outermost line of __main__'s own code
+        if frame.f_globals is vars(main) and frame.f_code.co_name == "<module>":
+            line = frame.f_lineno
+        frame = frame.f_back
+    try:
+        with open(path, encoding="utf-8") as file:
+            tree = ast.parse(file.read())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    guards = ('__name__ == "__main__"', '"__main__" == __name__')
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.If)
+            and ast.unparse(node.test).replace("'", '"') in guards
+            and node.lineno <= (line or 0) <= (node.end_lineno or 0)
+        ):
+            return None
+    return line
 
 
 class DaskPool(Pool):
     """Batches submitted to a dask cluster: an existing ``Client``, a scheduler
-    ``address``, or a ``LocalCluster`` of ``workers`` processes started (and closed)
-    here."""
+    ``address`` (with ``security`` for TLS), or a ``LocalCluster`` of ``workers``
+    processes started (and closed) here, listening on 127.0.0.1 only."""
 
     kind = "dask"
     batch_seconds = 0.05  # a dask task costs about a millisecond or more: fewer, larger
 
     def __init__(
-        self, workers: int | None, report: Report, address: str | None, client: Any
+        self,
+        workers: int | None,
+        report: Report,
+        address: str | None,
+        client: Any,
+        security: Any = None,
     ) -> None:
         distributed = _dask_distributed()
+        if security is not None and not isinstance(security, distributed.security.Security):
+            raise TypeError("security must be a distributed.security.Security")
+        if security is not None and client is not None:
+            raise ValueError(
+                "security applies to address= or a local cluster: a client has its own"
+            )
+        self._killed_worker = distributed.KilledWorker
         self._report = report
         self._cluster = None
         if client is None and address is None:
+            line = unguarded_line()
+            if line is not None:
+                raise SystemExit(
+                    f'cellpool: kind="dask" starts worker processes that run this script '
+                    f"again: put the code that makes the Executor (line {line}) under "
+                    f'`if __name__ == "__main__":`'
+                )
             self._cluster = distributed.LocalCluster(
                 n_workers=workers,
                 threads_per_worker=1,
                 processes=True,
-                dashboard_address=":0",  # any free port: never a clash with another
+                host="127.0.0.1",
+                dashboard_address="127.0.0.1:0",  # any free port: never a clash with another
                 silence_logs=40,
+                security=security,
             )
             address = self._cluster.scheduler_address
+            self._local_workers = len(self._cluster.workers)
         self._own_client = client is None
-        self._client = client or distributed.Client(address)
+        self._client = client or distributed.Client(address, security=security)
         # dask merges tasks with equal keys: batch numbers restart in every process, so
         # two notebooks on one scheduler need keys of their own
         self._key = f"cellpool-{uuid.uuid4().hex[:12]}"
+        self._client.subscribe_topic(self._key, self._on_started)
         self._futures: dict[int, Any] = {}  # batch seq -> its dask future
-        self._sent_at: dict[int, float] = {}
         self._batches: dict[int, Batch] = {}
+        self._started: dict[int, _Started] = {}  # batch seq -> its task running a while
+        self._suspects: dict[Run, set[int]] = {}  # inputs of batches dask gave up on
+        self._alone: set[int] = set()  # batches sent while nothing else ran
         self._packed: dict[int, Any] = {}  # run serial -> its function, pickled once
         self._counts: dict[str, list[int]] = {}  # address -> [done, errors]
         self._pids: dict[str, int] = {}  # address -> the pid its batches reported
-        self._info: dict[str, Any] = {}
-        self._info_at = 0.0
+        self._info: dict[str, Any] = self._scheduler_workers()
+        self._closing = threading.Event()
         self._closed = False
+        self._thread = threading.Thread(target=self._serve, name="cellpool-dask", daemon=True)
+        self._thread.start()
+
+    # -- the pool's own thread: everything that waits on the scheduler ---------------
+
+    def _serve(self) -> None:
+        try:
+            while not self._closing.wait(INFO_SECONDS):
+                self._info = self._scheduler_workers()
+                cluster = self._cluster
+                if cluster is not None and len(cluster.workers) < self._local_workers:
+                    # a nanny whose new worker died while starting (a task that kills
+                    # every worker it runs on) gives up: start another in its place
+                    cluster.scale(self._local_workers)
+        finally:
+            self._shut()
+            self._closed = True
+            self._report(Changed())
+
+    def _scheduler_workers(self) -> dict[str, Any]:
+        try:
+            return self._client.scheduler_info(n_workers=-1).get("workers", {})
+        except Exception:  # the scheduler is gone or unreachable: keep the last figures
+            return getattr(self, "_info", {})
+
+    def _shut(self) -> None:
+        client = self._client
+        if client.status == "running":
+            client.unsubscribe_topic(self._key)
+            client.cancel(list(self._futures.values()))
+        if self._own_client:
+            client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+
+    def _on_started(self, event: tuple[float, list]) -> None:
+        """On the client's thread: a dask worker's report of a task running a while."""
+        key, position, ran, worker = event[1]
+        seq = int(key.rsplit("-", 1)[1])
+        self._report(_Started(seq, position, time.monotonic() - ran, worker))
+
+    # -- the Pool interface (dispatcher thread) ----------------------------------------
 
     @property
     def size(self) -> int:
         """Worker threads in the cluster now."""
-        workers = self._scheduler_workers()
-        return max(1, sum(w.get("nthreads", 1) for w in workers.values()))
-
-    def _scheduler_workers(self) -> dict[str, Any]:
-        if time.monotonic() - self._info_at > INFO_SECONDS:
-            self._info = self._client.scheduler_info(n_workers=-1).get("workers", {})
-            self._info_at = time.monotonic()
-        return self._info
+        return max(1, sum(w.get("nthreads", 1) for w in self._info.values()))
 
     def capacity(self, prefetch: bool = True) -> int:
+        if self._suspects or self._alone:
+            return 0 if self._futures else 1
         return (PREFETCH if prefetch else 1) * self.size - len(self._futures)
 
     def send(self, batch: Batch) -> None:
         run = batch.run
+        suspects = self._suspects.get(run)
+        if suspects is not None and len(batch.items) == 1 and batch.indices[0] in suspects:
+            self._alone.add(batch.seq)  # nothing else runs: a death now is this task's
+            suspects.discard(batch.indices[0])
+            if not suspects:
+                del self._suspects[run]
         future = self._client.submit(
             run_batch,
             self._fn(run),
@@ -116,11 +334,11 @@ class DaskPool(Pool):
             run.retry_on,
             run.timeout if run.is_async else None,
             batch.items,
+            self._key,
             pure=False,
             key=f"{self._key}-{batch.seq}",
         )
         self._futures[batch.seq] = future
-        self._sent_at[batch.seq] = time.monotonic()
         self._batches[batch.seq] = batch
         future.add_done_callback(lambda done, batch=batch: self._done(batch, done))
 
@@ -142,34 +360,60 @@ class DaskPool(Pool):
         """Runs on the client's thread: turn a finished dask task into an event."""
         status = future.status
         if status == "finished":
-            address, pid, outcomes = future.result()
-            self._report(Completed(batch, 0, outcomes, address, pid))
+            result = future.result()
+            if result is not None:  # None: the worker walked away from a cancelled batch
+                address, pid, outcomes = result
+                self._report(Completed(batch, 0, outcomes, address, pid))
         elif status == "error":
-            reason = f"dask could not run the batch: {future.exception()!r}"
-            everything = [(batch, position) for position in range(len(batch.items))]
-            self._report(WorkerGone("dask", 0, reason, True, everything))
+            self._report(_Failed(batch, future.exception()))
         elif status != "cancelled":  # a cancelled future was reported by stop()
             # "lost": the worker holding its result died, and dask computes it again.
             # The callback fires once, so wait for that second completion.
             future.add_done_callback(lambda again: self._done(batch, again))
 
+    def handle(self, event: Any) -> list[Any]:
+        if isinstance(event, _Started):
+            if event.seq in self._batches:
+                self._started[event.seq] = event
+            return []
+        if isinstance(event, _Failed):
+            return [self._failed(event.batch, event.error)]
+        return super().handle(event)
+
+    def _failed(self, batch: Batch, error: BaseException) -> WorkerGone:
+        """What a batch dask could not run means: a single task's record, or its tasks
+        sent again one by one (after a death, as suspects, each alone on the cluster)."""
+        killed = isinstance(error, self._killed_worker)
+        reason = f"dask could not run the task: {error!r}"
+        where = getattr(getattr(error, "last_worker", None), "address", "dask")
+        if len(batch.items) == 1 and (batch.seq in self._alone or not killed):
+            return WorkerGone(where, 0, reason, True, running=[(batch, 0)])
+        if killed:  # it ran beside the culprit, or is it: which one, alone will tell
+            self._suspects.setdefault(batch.run, set()).update(batch.indices)
+        return WorkerGone(where, 0, reason, True, unreported=[(batch, 0)])
+
     def settle(self, event: Completed | WorkerGone) -> None:
-        seq = event.batch.seq if isinstance(event, Completed) else event.running[0][0].seq
-        self._futures.pop(seq, None)
-        self._sent_at.pop(seq, None)
-        self._batches.pop(seq, None)
         if isinstance(event, Completed):
+            batch = event.batch
             self._pids[event.worker] = event.pid
             counts = self._counts.setdefault(event.worker, [0, 0])
             counts[0] += len(event.outcomes.values)
             counts[1] += len(event.outcomes.failures)
+        else:
+            batch = (event.running or event.unreported)[0][0]
+        self._forget(batch.seq)
+
+    def _forget(self, seq: int) -> None:
+        self._futures.pop(seq, None)
+        self._batches.pop(seq, None)
+        self._started.pop(seq, None)
+        self._alone.discard(seq)
 
     def running(self) -> list[Running]:
-        # dask does not say which task of a batch runs: a batch counts from its hand-over
+        # only tasks a dask worker reported: each counts from its own start there
         return [
-            Running(f"batch-{seq}", self._batches[seq], 0, self._sent_at[seq])
-            for seq in list(self._futures)
-            if seq in self._batches
+            Running(f"batch-{seq}", self._batches[seq], started.position, started.started)
+            for seq, started in self._started.items()
         ]
 
     def stop(self, worker: str, why: str, task: tuple[int, int] | None = None) -> bool:
@@ -178,27 +422,50 @@ class DaskPool(Pool):
         batch = self._batches.get(seq)
         if future is None or batch is None or future.status == "cancelled":
             return False
-        future.cancel()
-        everything = [(batch, position) for position in range(len(batch.items))]
-        self._report(WorkerGone(worker, 0, why, True, everything))
+        self._cancel([future])
+        running = [] if task is None else [(batch, task[1])]
+        self._report(WorkerGone(worker, 0, why, True, running, unreported=[(batch, 0)]))
         return True
+
+    def _cancel(self, futures: list[Any]) -> None:
+        """Cancel dask futures without waiting: the client's own thread sends it."""
+        client = self._client
+        client.loop.add_callback(client.cancel, futures, asynchronous=True)
+
+    def tick(self) -> None:
+        """Cancel the dask tasks of batches the dispatcher closed (a cancelled run), and
+        forget the suspects of runs that will send none of them again."""
+        closed = [seq for seq, batch in self._batches.items() if batch.closed]
+        if closed:
+            self._cancel([self._futures[seq] for seq in closed])
+            for seq in closed:
+                self._forget(seq)
+        for run in [r for r in self._suspects if r.state is not RunState.ACTIVE]:
+            del self._suspects[run]
 
     def workers_info(self) -> list[dict[str, Any]]:
         if self._closed:
             return []
+        now = time.monotonic()
+        longest = {  # per dask worker, its task that has run longest
+            started.worker: started
+            for started in sorted(self._started.values(), key=lambda s: -s.started)
+        }
         rows = []
-        for address, info in sorted(self._scheduler_workers().items()):
+        for address, info in sorted(self._info.items()):
             metrics = info.get("metrics", {})
             executing = metrics.get("task_counts", {}).get("executing", 0)
             paused = info.get("status") == "paused"
             done, errors = self._counts.get(address, [0, 0])
+            task = longest.get(address)
+            batch = None if task is None else self._batches.get(task.seq)
             rows.append(
                 {
                     "worker": address,
                     "pid": self._pids.get(address),
-                    "state": "paused" if paused else "busy" if executing else "idle",
-                    "task": None,
-                    "task_seconds": None,
+                    "state": "paused" if paused else "busy" if executing or task else "idle",
+                    "task": None if batch is None else batch.indices[task.position],
+                    "task_seconds": None if batch is None else now - task.started,
                     "done": done,
                     "errors": errors,
                     "cpu_percent": metrics.get("cpu"),
@@ -211,13 +478,7 @@ class DaskPool(Pool):
         return rows
 
     def close(self, cancel_running: bool) -> None:
-        for future in self._futures.values():
-            future.cancel()
-        if self._own_client:
-            self._client.close()
-        if self._cluster is not None:
-            self._cluster.close()
-        self._closed = True
+        self._closing.set()  # the pool's thread cancels, closes, then reports Changed
 
     def closed(self) -> bool:
         return self._closed
