@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -27,8 +28,17 @@ def worker_processes() -> list[psutil.Process]:
     return [p for p in psutil.Process().children(recursive=True) if p.pid not in helpers]
 
 
+def fd_targets() -> dict[int, str]:
+    """This process's open fds and what each points at."""
+    targets = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile (the listing's own fd, too)
+            targets[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    return targets
+
+
 def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+    return len(fd_targets())
 
 
 def settle(check, seconds: float = 5.0):
@@ -81,10 +91,10 @@ def kernel_clients():
 @pytest.fixture(autouse=True)
 def no_leaks(shared_multiprocessing_helpers):
     """Fail a test that leaves cellpool threads, worker processes or fds behind."""
-    fds_before = open_fds()
+    fds_before = fd_targets()
     yield
     assert not settle(cellpool_threads), f"threads left: {cellpool_threads()}"
     assert not settle(worker_processes), f"processes left: {worker_processes()}"
-    assert settle(lambda: open_fds() > fds_before) is False, (
-        f"fds left: {open_fds()} open, {fds_before} before"
-    )
+    if settle(lambda: open_fds() > len(fds_before)):
+        new = {fd: target for fd, target in fd_targets().items() if fds_before.get(fd) != target}
+        raise AssertionError(f"fds left: {new}")

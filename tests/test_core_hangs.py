@@ -636,7 +636,8 @@ if __name__ == "__main__":
         time.sleep(0.05)
     print("pids", *pids, flush=True)
     future = ex.submit(square, 7)
-    future.add_done_callback(lambda f: print("result", f.result(), flush=True))
+    # a slow done-callback: exit waits for it, as it waits for the standard library's
+    future.add_done_callback(lambda f: (time.sleep(0.5), print("result", f.result(), flush=True)))
 """
 
 

@@ -31,8 +31,12 @@ def double_or_fail(x):
 def test_results_and_errors_come_back_as_records_with_worker_addresses():
     with Executor("dask", 2, progress="none") as ex:
         assert ex.workers == 2
+        before = time.time()
         results = ex.run(double_or_fail, range(200))
+        after = time.time()
         rows = ex.workers_info()
+    # times measured in the dask workers, on this machine's epoch clock
+    assert all(before <= r.started <= r.finished <= after for r in results)
     assert results.values[:5] == [0, 2, 4, None, 8]
     assert results[3].status == "error" and results[3].error_type == "ValueError"
     assert "double_or_fail" in results[3].traceback

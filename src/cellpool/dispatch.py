@@ -145,8 +145,9 @@ def interpreter_exiting() -> bool:
 
 
 def _at_exit() -> None:
-    """As the standard library's executors: at exit, submitted work finishes, then
-    every pool shuts down, before ``multiprocessing`` reaps what is left."""
+    """As the standard library's executors: at exit, submitted work finishes and its
+    futures' done-callbacks run, then every pool shuts down, before ``multiprocessing``
+    reaps what is left."""
     global _exiting
     _exiting = True
     dispatchers = list(_live)
@@ -155,6 +156,9 @@ def _at_exit() -> None:
     for dispatcher in dispatchers:
         if dispatcher.thread.is_alive():
             dispatcher.thread.join()
+        for thread in dispatcher.deliveries.threads():  # the done-callbacks run too
+            if thread is not threading.current_thread():
+                thread.join()
 
 
 threading._register_atexit(_at_exit)  # type: ignore[attr-defined]  # as concurrent.futures

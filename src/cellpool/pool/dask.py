@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import uuid
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +95,16 @@ class _Job:
         self.now = (-1, 0.0)
 
 
+def _on_this_clock(outcomes: Outcomes, epoch_offset: float) -> Outcomes:
+    """Outcomes timed on another machine's monotonic clock (``epoch_offset`` from its
+    epoch), moved to this one's, as records expect."""
+    shift = epoch_offset - (time.time() - time.monotonic())
+    return outcomes._replace(
+        started=array("d", [t + shift for t in outcomes.started]),
+        finished=array("d", [t + shift for t in outcomes.finished]),
+    )
+
+
 def _never(item: Any) -> None:
     """Nothing keeps an async task of a dask batch from running."""
 
@@ -122,8 +133,9 @@ _runners = threading.local()  # each dask worker thread's runner
 def run_batch(
     fn: Any, star: bool, retry_on: tuple, timeout: float | None, items: list, topic: str
 ) -> tuple | None:
-    """Runs in a dask worker: the batch's tasks, and where they ran (``None`` if the
-    batch was cancelled meanwhile: nobody waits for it).
+    """Runs in a dask worker: where the batch's tasks ran, this machine's epoch offset
+    (task times are on its monotonic clock) and their outcomes; ``None`` if the batch
+    was cancelled meanwhile: nobody waits for it.
 
     ``fn`` comes as ``shipping.pack`` bytes (the scheduler passes them on untouched),
     or as itself when those could not be made. A task that has run ``WATCH_SECONDS``
@@ -150,7 +162,7 @@ def run_batch(
             job.abandoned = True
             _runners.runner = None
             return None
-    return worker.address, os.getpid(), job.outcomes
+    return worker.address, os.getpid(), time.time() - time.monotonic(), job.outcomes
 
 
 # -- in the client -----------------------------------------------------------------------
@@ -362,7 +374,8 @@ class DaskPool(Pool):
         if status == "finished":
             result = future.result()
             if result is not None:  # None: the worker walked away from a cancelled batch
-                address, pid, outcomes = result
+                address, pid, epoch_offset, outcomes = result
+                outcomes = _on_this_clock(outcomes, epoch_offset)
                 self._report(Completed(batch, 0, outcomes, address, pid))
         elif status == "error":
             self._report(_Failed(batch, future.exception()))
