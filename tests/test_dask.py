@@ -253,6 +253,29 @@ if __name__ == "__main__":
 """
 
 
+TWO_CLUSTERS = """
+import cellpool
+
+if __name__ == "__main__":
+    first = cellpool.Executor("dask", 1, progress="none")
+    second = cellpool.Executor("dask", 1, progress="none")
+    first.shutdown()  # the first made closes first: the second still runs
+    second.shutdown()
+"""
+
+
+def test_local_clusters_closing_in_any_order_stay_quiet(tmp_path):
+    # Each LocalCluster restored dask's log level as it closed, so the one still running
+    # printed its closing lines (INFO) when the first one made closed first.
+    script = tmp_path / "two_clusters.py"
+    script.write_text(TWO_CLUSTERS)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+
+
 def test_an_executor_dropped_or_left_open_exits_quietly(tmp_path):
     script = tmp_path / "dropped.py"
     script.write_text(DROPPED)

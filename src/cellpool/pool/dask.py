@@ -25,7 +25,9 @@ and the cluster) runs on the pool's own thread, never on the dispatcher's.
 from __future__ import annotations
 
 import ast
+import contextlib
 import contextvars
+import logging
 import os
 import queue
 import sys
@@ -103,6 +105,41 @@ def _on_this_clock(outcomes: Outcomes, epoch_offset: float) -> Outcomes:
         started=array("d", [t + shift for t in outcomes.started]),
         finished=array("d", [t + shift for t in outcomes.finished]),
     )
+
+
+class _QuietLogs:
+    """dask's loggers held at ERROR while any local cluster cellpool started lives.
+
+    ``LocalCluster(silence_logs=...)`` restores the level when *its* cluster closes,
+    even while another one still runs: that one's closing lines (INFO) then reach the
+    user's stderr, depending on which closes first. Held here first, the level is
+    already ERROR when each cluster looks, so none of them restores it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._clusters = 0
+        self._held: contextlib.ExitStack | None = None
+
+    def enter(self) -> None:
+        from distributed.utils import silence_logging_cmgr
+
+        with self._lock:
+            self._clusters += 1
+            if self._held is None:
+                self._held = contextlib.ExitStack()
+                self._held.enter_context(silence_logging_cmgr(logging.ERROR))
+                self._held.enter_context(silence_logging_cmgr(logging.ERROR, root="bokeh"))
+
+    def leave(self) -> None:
+        with self._lock:
+            self._clusters -= 1
+            if self._clusters == 0 and self._held is not None:
+                self._held.close()
+                self._held = None
+
+
+_quiet_logs = _QuietLogs()
 
 
 def _never(item: Any) -> None:
@@ -250,15 +287,20 @@ class DaskPool(Pool):
                     f"again: put the code that makes the Executor (line {line}) under "
                     f'`if __name__ == "__main__":`'
                 )
-            self._cluster = distributed.LocalCluster(
-                n_workers=workers,
-                threads_per_worker=1,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address="127.0.0.1:0",  # any free port: never a clash with another
-                silence_logs=40,
-                security=security,
-            )
+            _quiet_logs.enter()
+            try:
+                self._cluster = distributed.LocalCluster(
+                    n_workers=workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    host="127.0.0.1",
+                    dashboard_address="127.0.0.1:0",  # any free port: never a clash with another
+                    silence_logs=logging.ERROR,  # its workers'; here _quiet_logs holds it
+                    security=security,
+                )
+            except BaseException:
+                _quiet_logs.leave()
+                raise
             address = self._cluster.scheduler_address
             self._local_workers = len(self._cluster.workers)
         self._own_client = client is None
@@ -311,7 +353,10 @@ class DaskPool(Pool):
         if self._own_client:
             client.close()
         if self._cluster is not None:
-            self._cluster.close()
+            try:
+                self._cluster.close()
+            finally:
+                _quiet_logs.leave()
 
     def _on_started(self, event: tuple[float, list]) -> None:
         """On the client's thread: a dask worker's report of a task running a while."""
