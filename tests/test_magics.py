@@ -119,6 +119,11 @@ def test_background_stores_a_job_and_returns_at_once(shell):
         ("%%parallel x in range(3) -w 0", "workers must be an integer >= 1"),
         ("%%parallel x in range(3) -k gpu", "invalid choice: 'gpu'"),
         ("%%parallel x in range(3) --timeout", "expected one argument"),
+        ("%%parallel x in undefined_name", "%%parallel: name 'undefined_name' is not defined"),
+        ("%%parallel x in 5", "%%parallel: the iterable 5 is an int, not iterable"),
+        ("%parallel abs 5", "%parallel: the iterable 5 is an int, not iterable"),
+        ("%parallel no_such_fn range(3)", "%parallel: name 'no_such_fn' is not defined"),
+        ("%parallel 7 range(3)", "%parallel: the function 7 is an int, not callable"),
     ],
 )
 def test_malformed_lines_are_one_line_usage_errors(shell, line, words):

@@ -207,8 +207,7 @@ class ParallelMagics(Magics):
             fn = cell_function(target, cell, self.shell.user_ns)
         except SyntaxError as error:
             raise UsageError(f"%%parallel: the cell body is not valid Python: {error}") from None
-        items = self.shell.ev(iterable)
-        return self._launch(fn, items, options)
+        return self._launch(fn, self._iterable("%%parallel", iterable), options)
 
     def _line(self, line: str) -> Any:
         split = split_options(line, _is_call_header)
@@ -217,7 +216,28 @@ class ParallelMagics(Magics):
         head, words = split
         fn_text, iterable = _split_call_header(head)  # type: ignore[misc]
         options = self._options("%parallel", words, per_run=True)
-        return self._launch(self.shell.ev(fn_text), self.shell.ev(iterable), options)
+        fn = self._evaluate("%parallel", fn_text)
+        if not callable(fn):
+            kind = type(fn).__name__
+            raise UsageError(f"%parallel: the function {fn_text} is {_a(kind)}, not callable")
+        return self._launch(fn, self._iterable("%parallel", iterable), options)
+
+    def _evaluate(self, prog: str, text: str) -> Any:
+        """``text`` evaluated in the user's namespace; an undefined name is a one-line
+        ``UsageError`` (other errors raised by the user's code keep their traceback)."""
+        try:
+            return self.shell.ev(text)
+        except NameError as error:
+            raise UsageError(f"{prog}: {error}") from None
+
+    def _iterable(self, prog: str, text: str) -> Any:
+        items = self._evaluate(prog, text)
+        try:
+            iter(items)
+        except TypeError:
+            kind = type(items).__name__
+            raise UsageError(f"{prog}: the iterable {text} is {_a(kind)}, not iterable") from None
+        return items
 
     @line_magic
     def parallel_config(self, line: str) -> dict[str, Any] | None:
@@ -230,6 +250,10 @@ class ParallelMagics(Magics):
             return dict(self.defaults)
         self.defaults = self._options("%parallel_config", words, per_run=False)
         return None
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[:1].lower() in "aeiou" else f"a {noun}"
 
 
 def load_ipython_extension(shell: Any) -> None:
