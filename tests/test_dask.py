@@ -22,6 +22,12 @@ from .conftest import settle
 distributed = pytest.importorskip("distributed")
 
 
+def run_script(path, text: str) -> subprocess.CompletedProcess:
+    """``text`` written to ``path`` and run as a script in a fresh interpreter."""
+    path.write_text(text)
+    return subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
+
+
 def double_or_fail(x):
     if x == 3:
         raise ValueError("three")
@@ -118,11 +124,7 @@ if __name__ == "__main__":
 
 
 def test_functions_and_classes_defined_in_main_travel_to_dask_workers(tmp_path):
-    script = tmp_path / "notebook_like.py"
-    script.write_text(NOTEBOOK_STYLE)
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
-    )
+    done = run_script(tmp_path / "notebook_like.py", NOTEBOOK_STYLE)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[100, 103, 106, 109]"
 
@@ -225,9 +227,7 @@ with cellpool.Executor("dask", 2, progress="none") as ex:
 
 
 def test_an_unguarded_script_works_or_says_at_once_what_to_add(tmp_path):
-    script = tmp_path / "unguarded.py"
-    script.write_text(UNGUARDED)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
+    done = run_script(tmp_path / "unguarded.py", UNGUARDED)
     output = done.stdout + done.stderr
     if done.returncode == 0:
         assert done.stdout.strip() == "[1, 2]"
@@ -267,22 +267,14 @@ if __name__ == "__main__":
 def test_local_clusters_closing_in_any_order_stay_quiet(tmp_path):
     # Each LocalCluster restored dask's log level as it closed, so the one still running
     # printed its closing lines (INFO) when the first one made closed first.
-    script = tmp_path / "two_clusters.py"
-    script.write_text(TWO_CLUSTERS)
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
-    )
+    done = run_script(tmp_path / "two_clusters.py", TWO_CLUSTERS)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
 
 
 def test_an_executor_dropped_or_left_open_exits_quietly(tmp_path):
-    script = tmp_path / "dropped.py"
-    script.write_text(DROPPED)
     began = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
-    )
+    done = run_script(tmp_path / "dropped.py", DROPPED)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:2] == ["[1, 2]", "[1, 2]"]
     assert done.stderr == ""
