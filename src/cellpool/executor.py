@@ -33,7 +33,7 @@ INTERRUPT_GRACE = 2.0  # how long Ctrl-C waits for the stop before re-raising
 # travel in batches big enough to cost about what a plain loop does.
 PENDING_PER_WORKER = 4096
 DEFAULT_CONCURRENCY = 32  # async def tasks in flight per worker thread
-RUN_OPTIONS = ("timeout", "retries", "retry_on", "max_pending", "progress", "total")
+RUN_OPTIONS = ("timeout", "retries", "retry_on", "max_pending", "progress", "total", "label")
 
 
 class Job:
@@ -303,9 +303,11 @@ class Executor(futures.Executor):
         unknown = sorted(set(opts) - set(RUN_OPTIONS))
         if unknown:
             raise TypeError(f"{caller}() got an unexpected option {unknown[0]!r}")
-        merged = {**self._defaults, "total": None}
+        merged = {**self._defaults, "total": None, "label": None}
         for name, value in opts.items():
-            if name == "timeout":
+            if name == "label":
+                merged[name] = check.label(value)
+            elif name == "timeout":
                 merged[name] = check.optional_seconds(name, value)
             elif name == "retries":
                 merged[name] = check.non_negative_int(name, value)
@@ -436,7 +438,8 @@ class Executor(futures.Executor):
 
         ``opts`` override the executor's ``timeout``, ``retries``, ``retry_on``,
         ``max_pending`` and ``progress`` for this run; ``total`` tells the progress view
-        how many inputs a generator will yield.
+        how many inputs a generator will yield; ``label`` names the run in its view and
+        summary (by default, the function's name).
         """
         return self._start("start", fn, iterables, opts, background=True)
 
@@ -452,7 +455,7 @@ class Executor(futures.Executor):
         inputs = self._inputs(caller, fn, iterables)
         sink = RecordSink(self._dispatcher.deliveries)
         run = self._new_run(fn, inputs, sink, merged)
-        name = getattr(fn, "__name__", type(fn).__name__)
+        name = merged["label"] or getattr(fn, "__name__", type(fn).__name__)
         label = f"{name} [{self.kind} x{self.workers}]"
         return Job(run, sink, self, merged["progress"], label, background)
 
@@ -486,7 +489,7 @@ def run(
     On Ctrl-C the executor is left to stop in the background: threads still running a
     task cannot be killed, and waiting for them would delay the interrupt.
     """
-    run_opts = {name: opts.pop(name) for name in ("total",) if name in opts}
+    run_opts = {name: opts.pop(name) for name in ("total", "label") if name in opts}
     executor = Executor(kind, workers, **opts)
     try:
         results = executor.run(fn, *iterables, **run_opts)

@@ -173,6 +173,15 @@ def exception_types(value: Any) -> tuple[type[BaseException], ...]:
     return types
 
 
+def label(value: Any) -> str | None:
+    """A run's label: a string of one line, or ``None`` for the function's name."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or "\n" in value:
+        raise TypeError(f"label must be a one-line string; got {value!r}")
+    return value
+
+
 def callable_fn(caller: str, fn: Any) -> Any:
     if not callable(fn):
         raise TypeError(f"{caller}() needs a callable first; got {type(fn).__name__} {fn!r:.40}")
