@@ -66,8 +66,9 @@ def test_the_widget_shows_the_final_state(recording_comm, capsys):
     assert repr(summary).startswith("flaky [thread x2] 20/20 (100%) | 1 errors")
     html = summary._repr_html_()
     assert "20/20 (100%) done" in html
-    assert html.count("<tr>") == 3  # a header and one row per worker
-    assert "machine: CPU" in html
+    assert html.count("<tr>") == 4  # a header, the threads' process, a row per thread
+    assert "2 workers: 2 idle" in html
+    assert "machine CPU" in html
     assert "flaky [thread x2] 20/20 (100%) | 1 errors" in capsys.readouterr().out
 
 

@@ -23,7 +23,7 @@ from .pool.thread import ThreadPool
 from .results import Results
 from .runs import PLAIN_SEQUENCES, Run, SequenceInput, StopMode
 from .sinks import FutureSink, OrderedSink, Raised, RecordSink
-from .view import View, make_view, no_events, normalize_progress
+from .view import View, WorkerBoard, make_view, no_events, normalize_progress
 
 POLL = 0.05  # how often a blocking wait lets widget events and signals through
 SHOW_AFTER = 0.5  # a blocking run shows its live view ("auto") once it lasts this long
@@ -59,6 +59,8 @@ class Job:
         self._background = background
         self._view: View | None = None
         self._view_thread: threading.Thread | None = None
+        # what each worker had done before this run: the view shows the run's own counts
+        self._board = WorkerBoard(executor._dispatcher.rows)
         if background or progress != "auto":
             self._show_view()
         # else: a blocking run shows its view only if it lasts (see _block)
@@ -74,6 +76,8 @@ class Job:
             executor._admission.note,
             self.cancel,
             self._background,
+            self._board,
+            getattr(executor._pool, "dashboard_link", None),
         )
         if self._view is not None:
             self._view_thread = threading.Thread(

@@ -20,9 +20,10 @@ CPU_WINDOW = 0.2  # CPU times tick in 10 ms steps: shorter windows read 0% or 20
 
 @dataclass(frozen=True)
 class Machine:
-    """The machine's CPU use (percent of all cores) and memory, in bytes."""
+    """The machine's CPU use (percent of all cores; ``None`` until a first window has
+    been measured) and memory, in bytes."""
 
-    cpu_percent: float
+    cpu_percent: float | None
     memory_available: int
     memory_total: int
 
@@ -115,10 +116,34 @@ class Sampler:
         return rows
 
 
-def machine() -> Machine:
-    """The machine's figures now (CPU % since the previous call)."""
-    memory = psutil.virtual_memory()
-    return Machine(psutil.cpu_percent(None), memory.available, memory.total)
+def _busy_and_total(times: Any) -> tuple[float, float]:
+    """Busy and total CPU seconds, as psutil counts them: on Linux the guest times are
+    already inside user and nice."""
+    total = sum(times) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    return total - idle, total
+
+
+class MachineSampler:
+    """The machine's figures. CPU % is measured over at least ``CPU_WINDOW`` seconds
+    from the machine's CPU times, kept here: ``psutil.cpu_percent(None)`` would read 0%
+    on its first call and share its window with whatever else in the process calls it."""
+
+    def __init__(self) -> None:
+        self._since = _busy_and_total(psutil.cpu_times())  # at the window's start
+        self._since_at = time.monotonic()
+        self._percent: float | None = None
+
+    def sample(self) -> Machine:
+        now = time.monotonic()
+        if now - self._since_at >= CPU_WINDOW:
+            busy, total = _busy_and_total(psutil.cpu_times())
+            if total > self._since[1]:
+                share = (busy - self._since[0]) / (total - self._since[1])
+                self._percent = 100.0 * max(0.0, min(1.0, share))
+            self._since, self._since_at = (busy, total), now
+        memory = psutil.virtual_memory()
+        return Machine(self._percent, memory.available, memory.total)
 
 
 class Monitor:
@@ -127,6 +152,7 @@ class Monitor:
     def __init__(self, rows: Callable[[], list[dict[str, Any]]]) -> None:
         self._rows = rows
         self._sampler = Sampler()
+        self._machine = MachineSampler()
         self._lock = threading.Lock()  # one sampling at a time: CPU % needs the order
         self._stop = threading.Event()
         self.latest = self.sample()
@@ -136,7 +162,7 @@ class Monitor:
     def sample(self) -> Sample:
         """Take a sample now (it also becomes the latest)."""
         with self._lock:
-            self.latest = Sample(self._sampler.enrich(self._rows()), machine())
+            self.latest = Sample(self._sampler.enrich(self._rows()), self._machine.sample())
             return self.latest
 
     def _watch(self) -> None:

@@ -14,13 +14,21 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .kernel import current_kernel, no_events
 from .text import TextProgress
+from .workers import WorkerBoard
 
 if TYPE_CHECKING:
     from ..dispatch import Run
     from ..monitor import Monitor
 
 PROGRESS_MODES = ("auto", "widget", "text", "none")
-__all__ = ["PROGRESS_MODES", "View", "make_view", "no_events", "normalize_progress"]
+__all__ = [
+    "PROGRESS_MODES",
+    "View",
+    "WorkerBoard",
+    "make_view",
+    "no_events",
+    "normalize_progress",
+]
 
 
 class View(Protocol):
@@ -52,6 +60,8 @@ def make_view(
     note: Callable[[], str | None],
     cancel: Callable[[], Any],
     background: bool,
+    board: WorkerBoard,
+    dashboard: str | None = None,
 ) -> View | None:
     """The view ``progress`` asks for here, or ``None`` for no display.
 
@@ -68,7 +78,7 @@ def make_view(
     if progress == "widget":
         from .widget import WidgetProgress
 
-        return WidgetProgress(run, label, monitor, note, cancel, background)
+        return WidgetProgress(run, label, monitor, note, cancel, background, board, dashboard)
     if progress == "text":
         return TextProgress(run, label, sys.stderr)
     return None

@@ -12,7 +12,9 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Figures:
-    """Where a run stands: done of total (``None`` when the input has no length)."""
+    """Where a run stands. ``done`` counts tasks that finished (ok or failed), never the
+    cancelled ones, which are counted apart; ``total`` is ``None`` when the input has
+    no length."""
 
     done: int
     total: int | None
@@ -23,13 +25,14 @@ class Figures:
 
     @property
     def rate(self) -> float:
+        """Finished tasks per second."""
         return self.done / self.elapsed if self.elapsed > 0 else 0.0
 
     @property
     def eta(self) -> float | None:
         if self.total is None or self.ended or self.rate <= 0:
             return None
-        return (self.total - self.done) / self.rate
+        return (self.total - self.done - self.cancelled) / self.rate
 
     @property
     def count(self) -> str:
@@ -41,9 +44,9 @@ class Figures:
 
 def figures_of(run: Run) -> Figures:
     ended = run.finished.is_set()
-    return Figures(
-        run.done, run.total, run.failed, run.cancelled_tasks, time.monotonic() - run.created, ended
-    )
+    cancelled = run.cancelled_tasks
+    elapsed = time.monotonic() - run.created
+    return Figures(run.done - cancelled, run.total, run.failed, cancelled, elapsed, ended)
 
 
 def clock(seconds: float) -> str:

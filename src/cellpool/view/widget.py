@@ -1,9 +1,11 @@
-"""The notebook view: a progress bar, a Cancel button, the worker table, the machine.
+"""The notebook view: a progress bar with Cancel and "all workers" buttons, a line of
+totals, the workers' states and the machine, and the few worker rows worth a look.
 
 A thread updates it (``update``) at most ``REFRESH`` apart: two comm messages each time
 at most (the bar, the HTML), so however fast tasks finish the kernel sends no more than
-ten a second. When the run ends, ``finish`` leaves a static HTML summary in the output,
-which a saved notebook keeps.
+ten a second. The view keeps the same few lines for 2 workers or 200 (see
+``view.workers``). When the run ends, ``finish`` leaves a static HTML summary in the
+output, which a saved notebook keeps.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from IPython.display import display
 from .figures import figures_of, summary_line
 from .html import live_html
 from .kernel import no_events, pumped_events, route_to_subshell
+from .workers import WorkerBoard, compact
 
 if TYPE_CHECKING:
     from ..dispatch import Run
@@ -65,11 +68,15 @@ class WidgetProgress:
         note: Callable[[], str | None],
         cancel: Callable[[], Any],
         background: bool,
+        board: WorkerBoard,
+        dashboard: str | None = None,
     ) -> None:
         self._run = run
         self._label = label
         self._monitor = monitor
         self._note = note
+        self._board = board
+        self._dashboard = dashboard
         self._bar = widgets.IntProgress(value=0, min=0, max=max(run.total or 1, 1))
         self._bar.bar_style = "info"
         self._button = widgets.Button(
@@ -78,13 +85,32 @@ class WidgetProgress:
             tooltip="Cancel: pending tasks are dropped, running process tasks killed",
         )
         self._button.on_click(lambda _button: cancel())
+        self._all = widgets.ToggleButton(
+            description="All workers",
+            tooltip="List every worker, not only the few worth a look",
+            layout=widgets.Layout(display="none"),  # shown once some worker is not listed
+        )
         self._live_without_pumping = route_to_subshell(self._button)
+        if self._live_without_pumping:
+            route_to_subshell(self._all)
         self._html = widgets.HTML()
-        row = widgets.HBox([self._bar, self._button])
+        row = widgets.HBox([self._bar, self._button, self._all])
         self.widget = LiveView(label, [row, self._html])
         display(self.widget)
         # A background job ends after its cell: its summary goes where the cell left room.
         self._summary = display(Summary(label, ""), display_id=True) if background else None
+
+    def _html_now(self, sample: Any, show_all: bool, live: bool) -> tuple[str, int]:
+        """The view's HTML from ``sample``, and how many workers it leaves unlisted.
+        Called by the view's thread, or by the cell's once that thread has ended: the
+        board has one user at a time."""
+        figures = figures_of(self._run)
+        workers = compact(self._board.rows(sample.workers), show_all)
+        toggle = 'press "All workers" to list them' if live and not show_all else None
+        text = live_html(
+            self._label, figures, workers, sample.machine, self._note(), self._dashboard, toggle
+        )
+        return text, workers.hidden
 
     def update(self, final: bool = False) -> None:
         run = self._run
@@ -96,20 +122,24 @@ class WidgetProgress:
                 self._bar.bar_style = (
                     "danger" if run.cancelled else "warning" if figures.failed else "success"
                 )
-        # At the end the table moves to the static summary: the widget keeps its bar.
-        html = "" if final else live_html(self._label, figures, self._monitor.latest, self._note())
+        if final:
+            # The lines move to the static summary: the widget keeps its bar.
+            html, hidden = "", 0
+            self._button.disabled = True
+        else:
+            # the button's value is read here, by this thread: its click handler (on
+            # the kernel's thread) never touches the view's state
+            html, hidden = self._html_now(self._monitor.latest, self._all.value, live=True)
         if html != self._html.value:
             self._html.value = html
-        if final:
-            self._button.disabled = True
+        shown = "inline-flex" if (hidden or self._all.value) and not final else "none"
+        if self._all.layout.display != shown:
+            self._all.layout.display = shown
 
     def _summary_now(self) -> Summary:
         """The run's figures and the workers as they are now."""
-        figures = figures_of(self._run)
-        return Summary(
-            summary_line(self._label, figures),
-            live_html(self._label, figures, self._monitor.sample(), self._note()),
-        )
+        html, _hidden = self._html_now(self._monitor.sample(), show_all=False, live=False)
+        return Summary(summary_line(self._label, figures_of(self._run)), html)
 
     def finish(self) -> None:
         """Leave the static summary."""

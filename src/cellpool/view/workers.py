@@ -1,0 +1,158 @@
+"""Which workers a run's view shows, for 2 workers or 200.
+
+The pools' rows (``workers_info``) are lifetime figures of the workers alive now. A view
+wants the run's own figures and every worker the run used, so ``WorkerBoard`` subtracts
+what each worker had done before the run began and keeps the last row of a worker that
+has gone (dead, or retired after its task limit), so the rows still add up. From those
+rows, ``compact`` picks what fits in a few lines: one row per process for thread
+workers, a count per state, and the handful of rows worth a look.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+NOTEWORTHY_ROWS = 5  # at most this many rows under the summary, unless all are asked for
+
+# How much a state asks for a look, most first; busy rows are ordered by how long their
+# task has run, so the stuck ones come first.
+_STATE_RANK = {"dead": 0, "abandoned": 1, "paused": 2, "recycling": 3, "retired": 4}
+_ORDER = ("busy", "starting", "idle", "paused", "recycling", "abandoned", "retired", "dead")
+_PROCESS_FIGURES = ("rss", "fds", "threads")  # a thread row repeats its process's
+
+
+class WorkerBoard:
+    """The rows of one run's view: per-run counts, and gone workers kept.
+
+    Owned by the thread that updates the view (``rows`` is called from it alone).
+    """
+
+    def __init__(self, before: list[dict[str, Any]]) -> None:
+        self._before = {row["worker"]: (row["done"], row["errors"]) for row in before}
+        self._seen: dict[str, dict[str, Any]] = {}  # worker -> its last row in this run
+
+    def rows(self, sampled: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``sampled`` with the run's own done and errors, plus the workers gone since."""
+        current: dict[str, dict[str, Any]] = {}
+        for row in sampled:
+            done, errors = self._before.get(row["worker"], (0, 0))
+            current[row["worker"]] = {
+                **row,
+                "done": max(0, row["done"] - done),
+                "errors": max(0, row["errors"] - errors),
+            }
+        for worker, last in self._seen.items():
+            if worker not in current:
+                current[worker] = _gone(last)
+        self._seen = current
+        return list(current.values())
+
+
+def _gone(last: dict[str, Any]) -> dict[str, Any]:
+    """The row left by a worker no longer in the pool."""
+    if last["state"] in ("dead", "retired"):
+        return last
+    if last["state"] == "recycling":
+        state, reason = "retired", last.get("reason") or "replaced by a new worker"
+    else:
+        state, reason = "dead", "exited"
+    return {
+        **last,
+        "state": state,
+        "reason": reason,
+        "task": None,
+        "task_seconds": None,
+        "cpu_percent": None,
+    }
+
+
+@dataclass
+class Compact:
+    """What the view shows of the workers: ``counts`` per state, the first ``reasons``
+    given for each state that has one, the ``rows`` to list, and how many workers are
+    not listed on a row of their own (``hidden``)."""
+
+    counts: dict[str, int]
+    reasons: dict[str, str]
+    rows: list[dict[str, Any]]
+    hidden: int
+
+
+def compact(rows: list[dict[str, Any]], show_all: bool = False) -> Compact:
+    """The per-state summary and the rows worth a look (every row with ``show_all``).
+
+    Thread workers of one process become one process row summing their work; their own
+    rows appear only when worth a look (stuck, abandoned, paused).
+    """
+    counts = Counter(row["state"] for row in rows)
+    reasons: dict[str, str] = {}
+    for row in rows:
+        if row.get("reason") and row["state"] not in reasons:
+            reasons[row["state"]] = row["reason"]
+    ordered = {state: counts[state] for state in _ORDER if counts[state]}
+    ordered.update({state: n for state, n in counts.items() if state not in ordered})
+    threads = [row for row in rows if row.get("native_id") is not None]
+    processes = _process_rows(threads)
+    others = [row for row in rows if row.get("native_id") is None]
+    everyone = others + [_thread_row(row) for row in threads]
+    if show_all or len(everyone) <= NOTEWORTHY_ROWS:
+        picked = everyone  # few enough to list them all, in the pool's order
+    else:
+        candidates = others + [_thread_row(row) for row in threads if _worth_a_look(row)]
+        picked = sorted(candidates, key=_interest)[: max(0, NOTEWORTHY_ROWS - len(processes))]
+    return Compact(ordered, reasons, processes + picked, len(rows) - len(picked))
+
+
+def _worth_a_look(row: dict[str, Any]) -> bool:
+    return row["state"] in _STATE_RANK or row.get("task_seconds") is not None
+
+
+def _interest(row: dict[str, Any]) -> tuple[int, float, float, float]:
+    """Sort key: troubled states first, then the longest-running task, then memory and
+    CPU."""
+    return (
+        _STATE_RANK.get(row["state"], len(_STATE_RANK)),
+        -(row.get("task_seconds") or 0.0),
+        -(row.get("rss") or 0),
+        -(row.get("cpu_percent") or 0.0),
+    )
+
+
+def _thread_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A thread's own row: its process's memory, fds and threads are on the process row."""
+    return {**row, **dict.fromkeys(_PROCESS_FIGURES)}
+
+
+def _process_rows(threads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per process of thread workers: its threads' states counted, their work
+    summed, the longest-running task shown, and the process's own memory and fds."""
+    by_pid: dict[Any, list[dict[str, Any]]] = {}
+    for row in threads:
+        by_pid.setdefault(row["pid"], []).append(row)
+    rows = []
+    for pid, members in by_pid.items():
+        states = Counter(row["state"] for row in members)
+        longest = max(members, key=lambda row: row.get("task_seconds") or -1.0)
+        cpu = [row["cpu_percent"] for row in members if row.get("cpu_percent") is not None]
+        first = members[0]
+        rows.append(
+            {
+                "worker": f"{len(members)} threads",
+                "pid": pid,
+                "state": " · ".join(
+                    f"{states[state]} {state}" for state in _ORDER if states[state]
+                ),
+                "task": longest["task"],
+                "task_seconds": longest.get("task_seconds"),
+                "done": sum(row["done"] for row in members),
+                "errors": sum(row["errors"] for row in members),
+                "cpu_percent": sum(cpu) if cpu else None,
+                "cpu_seconds": None,
+                "native_id": None,
+                "reason": None,
+                **{name: first.get(name) for name in _PROCESS_FIGURES},
+            }
+        )
+    return rows
