@@ -531,7 +531,7 @@ class Dispatcher:
         finished: float | None = None,
     ) -> None:
         """Make one task's record (see ``_complete_many``)."""
-        run.count(status, 1)
+        run.count(status, 1, worker)
         run.sink.put(Finished(task, status, value, failure, worker, pid, started, finished))
 
     def _complete_many(
@@ -552,7 +552,7 @@ class Dispatcher:
         With ``_complete``, the only places records are made.
         """
         count = len(batch.items) - start if values is None else len(values)
-        run.count(status, count)
+        run.count(status, count, worker)
         tried = 1 if status == "ok" else 0
         run.sink.put_many(
             FinishedBatch(

@@ -59,8 +59,7 @@ class Job:
         self._background = background
         self._view: View | None = None
         self._view_thread: threading.Thread | None = None
-        # what each worker had done before this run: the view shows the run's own counts
-        self._board = WorkerBoard(executor._dispatcher.rows)
+        self._board = WorkerBoard(lambda: dict(run.by_worker))
         if background or progress != "auto":
             self._show_view()
         # else: a blocking run shows its view only if it lasts (see _block)

@@ -3,7 +3,9 @@
 Ownership: every field is written by the dispatcher thread alone. Other threads read
 the counters (``done``, ``failed``, ``cancelled_tasks``, ``in_flight``), ``state`` and
 ``finished``: each is a single reference or int, so a reader sees a recent value, never
-a torn one. The input is read by the run's ``Feeder`` thread (``feeder.py``).
+a torn one. ``by_worker`` only gains keys and its lists only grow: a reader copies it
+with ``dict()``, which holds the GIL throughout. The input is read by the run's
+``Feeder`` thread (``feeder.py``).
 """
 
 from __future__ import annotations
@@ -162,6 +164,9 @@ class Run:
         self.done = 0
         self.failed = 0  # recorded as error, timeout or crashed
         self.cancelled_tasks = 0
+        # worker -> [tasks finished, of which failed] in this run, for the views; a
+        # worker that has left keeps its entry
+        self.by_worker: dict[str, list[int]] = {}
         self.item_seconds: float | None = None
         self.created = time.monotonic()
         self.finished = threading.Event()
@@ -183,14 +188,22 @@ class Run:
     def accepts_retries(self) -> bool:
         return self.state is RunState.ACTIVE
 
-    def count(self, status: str, n: int) -> None:
-        """Add ``n`` records of ``status`` to the counters the views show."""
+    def count(self, status: str, n: int, worker: str | None = None) -> None:
+        """Add ``n`` records of ``status`` (made on ``worker``, if any ran them) to the
+        counters the views show."""
         self.in_flight -= n
         self.done += n
         if status == "cancelled":
             self.cancelled_tasks += n
         elif status != "ok":
             self.failed += n
+        if worker is not None:
+            tally = self.by_worker.get(worker)
+            if tally is None:
+                tally = self.by_worker[worker] = [0, 0]
+            tally[0] += n
+            if status != "ok":
+                tally[1] += n
 
     def grant(self) -> None:
         """Let the feeder read so that taken-and-unrecorded tasks, items it holds and

@@ -120,7 +120,11 @@ class WidgetProgress:
             self._bar.value = figures.done
             if final:
                 self._bar.bar_style = (
-                    "danger" if run.cancelled else "warning" if figures.failed else "success"
+                    "danger"
+                    if run.cancelled or figures.cancelled
+                    else "warning"
+                    if figures.failed
+                    else "success"
                 )
         if final:
             # The lines move to the static summary: the widget keeps its bar.

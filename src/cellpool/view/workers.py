@@ -1,9 +1,9 @@
 """Which workers a run's view shows, for 2 workers or 200.
 
 The pools' rows (``workers_info``) are lifetime figures of the workers alive now. A view
-wants the run's own figures and every worker the run used, so ``WorkerBoard`` subtracts
-what each worker had done before the run began and keeps the last row of a worker that
-has gone (dead, or retired after its task limit), so the rows still add up. From those
+wants the run's own figures and every worker the run used, so ``WorkerBoard`` takes
+each worker's counts from the run (``Run.by_worker``) and keeps a row for a worker that
+has gone (dead, or retired after its task limit), so the rows add up to the run's. From those
 rows, ``compact`` picks what fits in a few lines: one row per process for thread
 workers, a count per state, and the handful of rows worth a look.
 """
@@ -11,6 +11,7 @@ workers, a count per state, and the handful of rows worth a look.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,41 +19,46 @@ NOTEWORTHY_ROWS = 5  # at most this many rows under the summary, unless all are 
 
 # How much a state asks for a look, most first; busy rows are ordered by how long their
 # task has run, so the stuck ones come first.
-_STATE_RANK = {"dead": 0, "abandoned": 1, "paused": 2, "recycling": 3, "retired": 4}
-_ORDER = ("busy", "starting", "idle", "paused", "recycling", "abandoned", "retired", "dead")
+_STATE_RANK = {"dead": 0, "abandoned": 1, "paused": 2, "recycling": 3, "retired": 4, "gone": 5}
+_ORDER = ("busy", "starting", "idle", "paused", "recycling", "abandoned", "retired", "dead", "gone")
 _PROCESS_FIGURES = ("rss", "fds", "threads")  # a thread row repeats its process's
 
 
 class WorkerBoard:
-    """The rows of one run's view: per-run counts, and gone workers kept.
+    """The rows of one run's view: the run's own counts, and gone workers kept.
 
-    Owned by the thread that updates the view (``rows`` is called from it alone).
+    Owned by the thread that updates the view; the cell's thread uses it only once
+    that thread has ended.
     """
 
-    def __init__(self, before: list[dict[str, Any]]) -> None:
-        self._before = {row["worker"]: (row["done"], row["errors"]) for row in before}
+    def __init__(self, tally: Callable[[], dict[str, list[int]]]) -> None:
+        self._tally = tally  # worker -> [finished, failed] in this run (Run.by_worker)
         self._seen: dict[str, dict[str, Any]] = {}  # worker -> its last row in this run
 
     def rows(self, sampled: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """``sampled`` with the run's own done and errors, plus the workers gone since."""
+        """``sampled`` with the run's own done and errors, plus the workers the run
+        used that have gone since."""
+        tally = self._tally()
         current: dict[str, dict[str, Any]] = {}
         for row in sampled:
-            done, errors = self._before.get(row["worker"], (0, 0))
-            current[row["worker"]] = {
-                **row,
-                "done": max(0, row["done"] - done),
-                "errors": max(0, row["errors"] - errors),
-            }
-        for worker, last in self._seen.items():
+            done, errors = tally.get(row["worker"], (0, 0))
+            current[row["worker"]] = {**row, "done": done, "errors": errors}
+        for worker, (done, errors) in tally.items():
             if worker not in current:
-                current[worker] = _gone(last)
+                last = self._seen.get(worker) or _unseen(worker)
+                current[worker] = {**_gone(last), "done": done, "errors": errors}
         self._seen = current
         return list(current.values())
 
 
+def _unseen(worker: str) -> dict[str, Any]:
+    """A worker that did work in this run and left before the view saw it."""
+    return {"worker": worker, "pid": None, "state": "gone", "task": None, "reason": None}
+
+
 def _gone(last: dict[str, Any]) -> dict[str, Any]:
     """The row left by a worker no longer in the pool."""
-    if last["state"] in ("dead", "retired"):
+    if last["state"] in ("dead", "retired", "gone"):
         return last
     if last["state"] == "recycling":
         state, reason = "retired", last.get("reason") or "replaced by a new worker"
