@@ -53,6 +53,60 @@ WATCH_JS = """() => {
   };
 }"""
 
+SCALE_CELLS = [
+    """\
+import os
+import time
+import cellpool
+
+def nap(x):
+    time.sleep(0.25)
+    return x
+
+threads = cellpool.run(nap, range(480), workers=32, label="naps")
+""",
+    """\
+held = []  # this run's function, and so this list, is one per worker process
+
+def work(x):
+    if x == 0:  # this worker holds 82 more files: past 90% of fd_limit, it is paused
+        held.extend(os.open(os.devnull, os.O_RDONLY) for _ in range(82))
+    end = time.time() + 0.3
+    while time.time() < end:
+        pass
+    return x
+
+procs = cellpool.run(work, range(96), kind="process", workers=8, fd_limit=100, label="spins")
+""",
+]
+# What a user sees of the cell that runs: its output's height, where the bar is, the
+# worker rows' visible text and the kernel's status in the notebook's toolbar.
+VIEW_JS = """() => {
+  const cell = document.querySelector('.jp-CodeCell.jp-mod-active') ??
+    [...document.querySelectorAll('.jp-CodeCell')].find(c =>
+      c.querySelector('.jp-InputPrompt')?.innerText.trim() === '[*]:');
+  const running = [...document.querySelectorAll('.jp-CodeCell')].find(c =>
+      c.querySelector('.jp-InputPrompt')?.innerText.trim() === '[*]:');
+  const output = running?.querySelector('.jp-OutputArea');
+  const bar = running?.querySelector('.widget-hprogress');
+  const box = bar?.getBoundingClientRect();
+  const rows = running ? [...running.querySelectorAll('table.cellpool-workers tr')].slice(1)
+    .map(row => [...row.cells].map(cell => cell.innerText.trim())) : [];
+  return {
+    running: running !== undefined,
+    height: output ? output.getBoundingClientRect().height : null,
+    barVisible: box ? box.top >= 0 && box.bottom <= window.innerHeight && box.height > 0 : null,
+    rows: rows,
+    status: document.querySelector('.jp-Notebook-ExecutionIndicator [data-status], '
+      + '[data-status]')?.getAttribute('data-status') ?? null,
+    summaries: [...document.querySelectorAll('.cellpool-summary')].map(s => ({
+      text: s.innerText,
+      height: s.closest('.jp-OutputArea').getBoundingClientRect().height,
+    })),
+  };
+}"""
+VIEW_BOUND = 250  # px: the whole view, for any number of workers
+
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists(), reason="needs Debian's chromium: apt-get install chromium"
 )
@@ -68,12 +122,17 @@ def _get(url: str):
     return json.load(urllib.request.urlopen(url, timeout=2))
 
 
+def _write_notebook(path: Path, cells: list[str]) -> None:
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3"}
+    nbformat.write(notebook, path)
+
+
 @pytest.fixture
 def lab(tmp_path):
-    """A JupyterLab server on 127.0.0.1 whose root holds the test notebook."""
-    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(JOB)])
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3"}
-    nbformat.write(notebook, tmp_path / "live.ipynb")
+    """A JupyterLab server on 127.0.0.1 whose root holds the test notebooks."""
+    _write_notebook(tmp_path / "live.ipynb", [JOB])
+    _write_notebook(tmp_path / "scale.ipynb", SCALE_CELLS)
     state = tmp_path / "state"
     settings = state / "settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
@@ -132,23 +191,28 @@ def lab(tmp_path):
             server.wait()
 
 
+def _open(browser, lab: str, name: str):
+    """A page with notebook ``name`` open and its kernel ready."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{lab}/lab/tree/{name}", wait_until="domcontentloaded")
+    page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=90_000)
+    # The toolbar says idle before the kernel's websocket is up: ask the server.
+    deadline = time.monotonic() + 90
+    while not any(
+        k["connections"] > 0 and k["execution_state"] == "idle" for k in _get(f"{lab}/api/kernels")
+    ):
+        assert time.monotonic() < deadline, "the kernel never became ready"
+        page.wait_for_timeout(250)
+    return page
+
+
 def test_the_live_view_moves_in_jupyterlab_and_leaves_a_summary(lab):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"{lab}/lab/tree/live.ipynb", wait_until="domcontentloaded")
-            page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=90_000)
-            # The toolbar says idle before the kernel's websocket is up: ask the server.
-            deadline = time.monotonic() + 90
-            while not any(
-                k["connections"] > 0 and k["execution_state"] == "idle"
-                for k in _get(f"{lab}/api/kernels")
-            ):
-                assert time.monotonic() < deadline, "the kernel never became ready"
-                page.wait_for_timeout(250)
+            page = _open(browser, lab, "live.ipynb")
             page.locator(".jp-CodeCell .jp-InputArea-editor").first.click()
             page.keyboard.press("Escape")
             page.keyboard.press("Shift+Enter")
@@ -181,3 +245,60 @@ def test_the_live_view_moves_in_jupyterlab_and_leaves_a_summary(lab):
         assert threads.isdigit()
     assert "24/24 (100%) done" in seen["summary"]
     assert "0 errors" in seen["summary"]
+
+
+def _watch_cell(page, shots: Path, name: str) -> list[dict]:
+    """Run the selected cell and sample what the user sees until it has finished;
+    screenshot its output once, midway."""
+    page.keyboard.press("Shift+Enter")
+    seen, shot = [], False
+    deadline = time.monotonic() + 120
+    while True:
+        page.wait_for_timeout(150)
+        view = page.evaluate(VIEW_JS)
+        if view["running"]:
+            seen.append(view)
+            if not shot and len(view["rows"]) >= 3:
+                running = page.locator(".jp-CodeCell", has=page.locator("text=[*]:"))
+                running.locator(".jp-OutputArea").first.screenshot(path=shots / f"{name}.png")
+                shot = True
+        elif seen:
+            return seen
+        assert time.monotonic() < deadline, f"the {name} cell did not finish"
+
+
+def test_the_view_stays_small_for_many_workers_and_shows_why_one_is_paused(lab, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    shots = Path(os.environ.get("CELLPOOL_SHOTS", tmp_path))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        try:
+            page = _open(browser, lab, "scale.ipynb")
+            page.locator(".jp-CodeCell .jp-InputArea-editor").first.click()
+            page.keyboard.press("Escape")
+            threads = _watch_cell(page, shots, "threads")
+            processes = _watch_cell(page, shots, "processes")
+            page.wait_for_timeout(500)
+            final = page.evaluate(VIEW_JS)
+            page.locator(".jp-Notebook").screenshot(path=shots / "notebook.png")
+        finally:
+            browser.close()
+
+    for name, seen in (("threads", threads), ("processes", processes)):
+        live = [view for view in seen if view["height"]]
+        assert live, f"no view seen for {name}"
+        tallest = max(view["height"] for view in live)
+        assert tallest < VIEW_BOUND, f"{name}: the view grew to {tallest} px"
+        assert all(view["barVisible"] for view in live if view["barVisible"] is not None)
+        busy = [view["status"] for view in seen if view["status"] is not None]
+        assert busy and set(busy) == {"busy"}, f"{name}: the kernel read {set(busy)}"
+    rows = [row for view in threads for row in view["rows"]]
+    assert any(row[0] == "32 threads" for row in rows)
+    paused = {row[2] for view in processes for row in view["rows"] if row[2].startswith("paused")}
+    assert any("fd" in state for state in paused), f"no paused reason seen: {paused}"
+    assert len(final["summaries"]) == 2
+    for summary in final["summaries"]:
+        assert summary["height"] < VIEW_BOUND
+    assert "480/480 (100%) done" in final["summaries"][0]["text"]
+    assert "96/96 (100%) done" in final["summaries"][1]["text"]

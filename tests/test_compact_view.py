@@ -221,3 +221,14 @@ def test_the_machines_cpu_is_unknown_before_a_window_and_measured_after():
     burner.start()
     burner.join()
     assert sampler.sample().cpu_percent > 0
+
+
+def test_workers_replaced_after_their_task_limit_show_as_retired(browser_state):
+    with Executor("process", 1, max_tasks_per_worker=5) as ex:
+        job = ex.start(abs, range(12), progress="widget")
+        job.result(timeout=60)
+        rows = table(job._view._summary_now()._repr_html_())
+    retired = [row for row in rows if row["state"].startswith("retired")]
+    assert [row["done"] for row in retired] == ["5", "5"]
+    assert all("max_tasks_per_worker=5" in row["state"] for row in retired)
+    assert sum(int(row["done"]) for row in rows) == 12

@@ -67,6 +67,7 @@ BACKOFF_BASE = 0.1  # first retry after about this long, doubling per attempt
 BACKOFF_CAP = 30.0
 TICK = 0.1  # how often timeouts are checked while tasks run
 PUBLISH_SECONDS = 0.05  # the workers' rows are published at most this often while busy
+DEPARTURES = 256  # how many departed workers' reasons are kept for the views
 START_FAILURES = 3  # workers in a row that die before they are ready: the pool is broken
 
 CANCELLED = Failure("TaskCancelled", "the task was cancelled before it finished")
@@ -180,6 +181,9 @@ class Dispatcher:
         self.broken: BrokenPool | None = None  # why the pool can run nothing more
         self.failure: RuntimeError | None = None  # set if this thread died of a bug
         self.rows: list[dict[str, Any]] = []  # the workers' rows, published for readers
+        # worker -> (state, reason) of the latest workers to leave, published for readers:
+        # replaced, never changed in place
+        self.departures: dict[str, tuple[str, str]] = {}
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._pool: Pool | None = None
         self._monitor: Monitor | None = None
@@ -420,6 +424,7 @@ class Dispatcher:
     def _worker_gone(self, gone: WorkerGone) -> None:
         """One place decides what the tasks of a worker that stopped get."""
         order = self._stops.pop(gone.worker, None)
+        self._departed(gone, order)
         if not gone.ready:
             self._start_failures += 1
             reason = order.reason if order is not None else gone.reason
@@ -441,6 +446,15 @@ class Dispatcher:
                 if batch.resolve(position):
                     self._requeued.append((batch.run, batch.task(position)))
             self._close(batch)
+
+    def _departed(self, gone: WorkerGone, order: StopOrder | None) -> None:
+        """Publish how ``gone`` left, for the views (the latest ``DEPARTURES`` kept)."""
+        departures = dict(self.departures)
+        state = "retired" if gone.retired else "dead"
+        departures[gone.worker] = (state, order.reason if order is not None else gone.reason)
+        while len(departures) > DEPARTURES:
+            del departures[next(iter(departures))]
+        self.departures = departures
 
     def _died_outside_a_task(self, gone: WorkerGone, batch: Batch, phase: Phase) -> None:
         """A worker died loading or sending ``batch``. Loading the function: every task

@@ -59,7 +59,9 @@ class Job:
         self._background = background
         self._view: View | None = None
         self._view_thread: threading.Thread | None = None
-        self._board = WorkerBoard(lambda: dict(run.by_worker))
+        self._board = WorkerBoard(
+            lambda: dict(run.by_worker), lambda: executor._dispatcher.departures
+        )
         if background or progress != "auto":
             self._show_view()
         # else: a blocking run shows its view only if it lasts (see _block)

@@ -63,7 +63,8 @@ class WorkerGone:
     ``running`` are the (batch, position) of the tasks it was running; ``batch_phase``
     says, when it died outside a task, which batch it was loading or sending and how
     (``(batch, Phase)``); ``unreported`` are (batch, first position not reported) of
-    every batch it held. ``ready`` says whether it had finished starting.
+    every batch it held. ``ready`` says whether it had finished starting; ``retired``
+    that it left as the pool asked (a task limit, a resource limit), and ``reason`` why.
     """
 
     worker: str
@@ -73,6 +74,7 @@ class WorkerGone:
     running: list[tuple[Batch, int]] = field(default_factory=list)
     batch_phase: tuple[Batch, Phase] | None = None
     unreported: list[tuple[Batch, int]] = field(default_factory=list)
+    retired: bool = False
 
 
 @dataclass(slots=True)

@@ -399,9 +399,10 @@ class ProcessPool(Pool):
 
     def _gone(self, worker: _Worker, exitcode: int | None, why: str | None) -> WorkerGone:
         """What the worker left behind, read from its slot now that it is dead."""
+        retired = worker.state is WorkerState.RETIRING and exitcode == 0
         if why is None:
-            stopped = worker.state is WorkerState.STOPPING
-            why = worker.why if stopped and worker.why else _exit_reason(exitcode)
+            asked = worker.state in (WorkerState.STOPPING, WorkerState.RETIRING)
+            why = worker.why if asked and worker.why else _exit_reason(exitcode)
         running, batch_phase = [], None
         if worker.slot is not None:
             running = [
@@ -414,7 +415,7 @@ class ProcessPool(Pool):
                     batch_phase = (worker.in_flight[seq], Phase(phase))
         unreported = [(batch, 0) for batch in worker.in_flight.values()]
         return WorkerGone(
-            worker.id, worker.pid or 0, why, worker.ready, running, batch_phase, unreported
+            worker.id, worker.pid or 0, why, worker.ready, running, batch_phase, unreported, retired
         )
 
     def settle(self, event: Completed | WorkerGone | Returned) -> None:

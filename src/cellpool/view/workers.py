@@ -31,14 +31,19 @@ class WorkerBoard:
     that thread has ended.
     """
 
-    def __init__(self, tally: Callable[[], dict[str, list[int]]]) -> None:
+    def __init__(
+        self,
+        tally: Callable[[], dict[str, list[int]]],
+        departures: Callable[[], dict[str, tuple[str, str]]],
+    ) -> None:
         self._tally = tally  # worker -> [finished, failed] in this run (Run.by_worker)
+        self._departures = departures  # worker -> (state, reason) as it left
         self._seen: dict[str, dict[str, Any]] = {}  # worker -> its last row in this run
 
     def rows(self, sampled: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``sampled`` with the run's own done and errors, plus the workers the run
         used that have gone since."""
-        tally = self._tally()
+        tally, departures = self._tally(), self._departures()
         current: dict[str, dict[str, Any]] = {}
         for row in sampled:
             done, errors = tally.get(row["worker"], (0, 0))
@@ -46,7 +51,8 @@ class WorkerBoard:
         for worker, (done, errors) in tally.items():
             if worker not in current:
                 last = self._seen.get(worker) or _unseen(worker)
-                current[worker] = {**_gone(last), "done": done, "errors": errors}
+                gone = _gone(last, departures.get(worker))
+                current[worker] = {**gone, "done": done, "errors": errors}
         self._seen = current
         return list(current.values())
 
@@ -56,14 +62,15 @@ def _unseen(worker: str) -> dict[str, Any]:
     return {"worker": worker, "pid": None, "state": "gone", "task": None, "reason": None}
 
 
-def _gone(last: dict[str, Any]) -> dict[str, Any]:
-    """The row left by a worker no longer in the pool."""
-    if last["state"] in ("dead", "retired", "gone"):
+def _gone(last: dict[str, Any], departure: tuple[str, str] | None) -> dict[str, Any]:
+    """The row left by a worker no longer in the pool: how it left, if the dispatcher
+    has said, else as last seen."""
+    if departure is not None:
+        state, reason = departure
+    elif last["state"] in ("dead", "retired", "gone"):
         return last
-    if last["state"] == "recycling":
-        state, reason = "retired", last.get("reason") or "replaced by a new worker"
     else:
-        state, reason = "dead", "exited"
+        state, reason = "gone", None
     return {
         **last,
         "state": state,
