@@ -10,6 +10,7 @@ import sys
 import tracemalloc
 
 import pytest
+import requests
 
 import cellpool
 from cellpool import Results, TaskResult
@@ -410,9 +411,7 @@ def test_repr_summary_and_one_line_per_failure(mixed):
         assert f"[{record.index}]" in line
         assert record.status in line
         assert f"{record.error_type}: {record.error}" in line
-        assert f'File "/work/notebook_cell.py", line {100 + record.index}, in f{record.index}' in (
-            line
-        )
+        assert f"notebook_cell.py:{100 + record.index} in f{record.index}" in line
         # the innermost frame, not the outer one
         assert "runner.py" not in line
     assert "more" not in text
@@ -463,7 +462,7 @@ def test_repr_html_summary_and_failure_rows(mixed):
     assert page.count("<tr>") == 1 + 4  # header + one per failure
     for record in results.errors:
         assert html.escape(f"{record.error_type}: {record.error}") in page
-        where = f'File "/work/notebook_cell.py", line {100 + record.index}, in f{record.index}'
+        where = f"notebook_cell.py:{100 + record.index} in f{record.index}"
         assert html.escape(where) in page
     assert "runner.py" not in page
     assert "more failures" not in page
@@ -574,3 +573,20 @@ def test_large_results_cost_little_memory_per_record():
     assert results[LARGE - 1].item == LARGE - 1
     per_record = (after - before) / LARGE
     assert per_record < 120, f"{per_record:.1f} bytes per record"
+
+
+def fetch_missing(status):
+    response = requests.models.Response()
+    response.status_code, response.url, response.reason = status, "http://127.0.0.1/x", "Gone"
+    response.raise_for_status()  # raises inside requests: the user's line is this one
+
+
+def test_where_a_task_failed_is_the_users_line_not_the_librarys():
+    results = cellpool.run(fetch_missing, [404, 500], progress="none")
+    line = fetch_missing.__code__.co_firstlineno + 3
+    expected = f"test_results.py:{line} in fetch_missing"
+    assert "requests/models.py" in results[0].traceback  # the whole traceback keeps it
+    assert f"({expected})" in repr(results)
+    page = results._repr_html_()
+    assert f"<code>{expected}</code>" in page
+    assert "white-space:nowrap" in page and "text-align:left" in page  # one line per row

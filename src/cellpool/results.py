@@ -10,8 +10,11 @@ from __future__ import annotations
 import dataclasses
 import html
 import math
+import os
 import pickle
+import re
 import sys
+import sysconfig
 import time
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
@@ -87,12 +90,58 @@ def exception_of(status: str, failure: Failure) -> BaseException:
     return RemoteError(failure.error_type, failure.error, failure.traceback)
 
 
-def last_traceback_line(traceback: str | None) -> str:
-    """The innermost ``File "...", line N, in f`` line of a formatted traceback."""
+_FRAME = re.compile(r'  File "(?P<file>.*)", line (?P<line>\d+), in (?P<function>.*)')
+# Code that is not the user's: installed packages, the standard library, cellpool.
+_LIBRARY_DIRS = tuple(
+    {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    | {sysconfig.get_paths()[name] for name in ("stdlib", "platstdlib", "purelib", "platlib")}
+)
+
+
+def where_it_failed(traceback: str | None) -> str:
+    """Where the user's code failed: the innermost frame of a formatted traceback that
+    is not in an installed package, the standard library or cellpool (the innermost
+    frame if all are), as ``file.py:12 in function``. A ``requests`` error raised by
+    ``raise_for_status`` points at the user's line that called it."""
     if not traceback:
         return ""
-    frames = [line.strip() for line in traceback.splitlines() if line.startswith('  File "')]
-    return frames[-1] if frames else ""
+    frames = [m for m in map(_FRAME.fullmatch, traceback.splitlines()) if m]
+    if not frames:
+        return ""
+    own = [m for m in frames if not os.path.abspath(m["file"]).startswith(_LIBRARY_DIRS)]
+    frame = (own or frames)[-1]
+    return f"{_file_name(frame['file'])}:{frame['line']} in {frame['function']}"
+
+
+def _file_name(path: str) -> str:
+    """A notebook cell's code as IPython names it (``In[3]``), else the file's name."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    named = shell.compile.format_code_name(path) if shell is not None else None
+    return named[1] if named else os.path.basename(path)
+
+
+_TABLE = "border-collapse:collapse;font-variant-numeric:tabular-nums;table-layout:auto"
+# One line per failure: long text is cut with an ellipsis (whole in the cell's tooltip),
+# never wrapped, and text reads from the left.
+_CELL = (
+    "padding:0 8px;height:18px;line-height:18px;white-space:nowrap;overflow:hidden;"
+    "text-overflow:ellipsis;max-width:32em;"
+)
+_FAILURE_COLUMNS = (
+    ("index", "text-align:right"),
+    ("item", "text-align:left"),
+    ("status", "text-align:left"),
+    ("error", "text-align:left"),
+    ("where", "text-align:left"),
+    ("worker", "text-align:left"),
+    ("attempts", "text-align:right"),
+)
+
+
+def _plain(cell: str) -> str:
+    """A cell's text without its markup (for the tooltip)."""
+    return html.unescape(re.sub(r"<[^>]+>", "", cell))
 
 
 def _doubles(times: Sequence[float]) -> array[float]:
@@ -464,7 +513,7 @@ class Results(Sequence[TaskResult]):
     def __repr__(self) -> str:
         lines = [f"Results({self.summary()})"]
         for record in self._failure_rows()[:5]:
-            where = last_traceback_line(record.traceback)
+            where = where_it_failed(record.traceback)
             lines.append(
                 f"  [{record.index}] {record.status}: {record.error_type}: {record.error}"
                 + (f"  ({where})" if where else "")
@@ -482,19 +531,26 @@ class Results(Sequence[TaskResult]):
         ]
         rows = self._failure_rows()
         if rows:
-            parts.append(
-                "<table><thead><tr><th>index</th><th>item</th><th>status</th><th>error</th>"
-                "<th>where</th><th>worker</th><th>attempts</th></tr></thead><tbody>"
+            head = "".join(
+                f'<th style="{_CELL}{align}">{name}</th>' for name, align in _FAILURE_COLUMNS
             )
+            parts.append(f'<table style="{_TABLE}"><thead><tr>{head}</tr></thead><tbody>')
             for r in rows:
                 item = repr(r.item)
-                item = item if len(item) <= 60 else item[:57] + "..."
-                parts.append(
-                    f"<tr><td>{r.index}</td><td>{escape(item)}</td><td>{r.status}</td>"
-                    f"<td>{escape(f'{r.error_type}: {r.error}')}</td>"
-                    f"<td><code>{escape(last_traceback_line(r.traceback))}</code></td>"
-                    f"<td>{escape(str(r.worker or ''))}</td><td>{r.attempts}</td></tr>"
+                cells = (
+                    str(r.index),
+                    escape(item if len(item) <= 200 else item[:199] + "…"),
+                    r.status,
+                    escape(f"{r.error_type}: {r.error}"),
+                    f"<code>{escape(where_it_failed(r.traceback))}</code>",
+                    escape(str(r.worker or "")),
+                    str(r.attempts),
                 )
+                tds = "".join(
+                    f'<td style="{_CELL}{align}" title="{escape(_plain(cell))}">{cell}</td>'
+                    for cell, (_name, align) in zip(cells, _FAILURE_COLUMNS, strict=True)
+                )
+                parts.append(f"<tr>{tds}</tr>")
             parts.append("</tbody></table>")
             hidden = len(self._failure) - len(rows)
             if hidden:
