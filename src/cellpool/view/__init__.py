@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .kernel import current_kernel, no_events
-from .text import TextProgress
+from .text import TextProgress, is_terminal, prompt_is_interactive
 from .workers import WorkerBoard
 
 if TYPE_CHECKING:
@@ -66,7 +66,8 @@ def make_view(
     """The view ``progress`` asks for here, or ``None`` for no display.
 
     ``"auto"`` is the widget inside a kernel, the text line when stderr is a terminal,
-    and nothing otherwise.
+    and nothing otherwise. The text line of a background job started at an interactive
+    prompt is not redrawn over the prompt: it appears once, when the job ends.
     """
     if progress == "auto":
         if current_kernel() is not None:
@@ -80,5 +81,7 @@ def make_view(
 
         return WidgetProgress(run, label, monitor, note, cancel, background, board, dashboard)
     if progress == "text":
-        return TextProgress(run, label, sys.stderr)
+        stream = sys.stderr
+        quiet = background and is_terminal(stream) and prompt_is_interactive()
+        return TextProgress(run, label, stream, quiet)
     return None
