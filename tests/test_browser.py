@@ -247,9 +247,9 @@ def test_the_live_view_moves_in_jupyterlab_and_leaves_a_summary(lab):
     assert "0 errors" in seen["summary"]
 
 
-def _watch_cell(page, shots: Path, name: str) -> list[dict]:
+def _watch_cell(page, shots: Path, name: str, worth_a_shot) -> list[dict]:
     """Run the selected cell and sample what the user sees until it has finished;
-    screenshot its output once, midway."""
+    screenshot its output the first time ``worth_a_shot(rows)`` holds."""
     page.keyboard.press("Shift+Enter")
     seen, shot = [], False
     deadline = time.monotonic() + 120
@@ -258,7 +258,7 @@ def _watch_cell(page, shots: Path, name: str) -> list[dict]:
         view = page.evaluate(VIEW_JS)
         if view["running"]:
             seen.append(view)
-            if not shot and len(view["rows"]) >= 3:
+            if not shot and worth_a_shot(view["rows"]):
                 running = page.locator(".jp-CodeCell", has=page.locator("text=[*]:"))
                 running.locator(".jp-OutputArea").first.screenshot(path=shots / f"{name}.png")
                 shot = True
@@ -277,8 +277,10 @@ def test_the_view_stays_small_for_many_workers_and_shows_why_one_is_paused(lab, 
             page = _open(browser, lab, "scale.ipynb")
             page.locator(".jp-CodeCell .jp-InputArea-editor").first.click()
             page.keyboard.press("Escape")
-            threads = _watch_cell(page, shots, "threads")
-            processes = _watch_cell(page, shots, "processes")
+            threads = _watch_cell(page, shots, "threads", lambda rows: len(rows) >= 5)
+            processes = _watch_cell(
+                page, shots, "processes", lambda rows: any("fd_limit" in row[2] for row in rows)
+            )
             page.wait_for_timeout(500)
             final = page.evaluate(VIEW_JS)
             page.locator(".jp-Notebook").screenshot(path=shots / "notebook.png")
