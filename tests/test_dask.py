@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,9 +14,11 @@ import uuid
 
 import psutil
 import pytest
+import requests
 
 import cellpool
 from cellpool import Executor
+from cellpool.pool.dask import ShortNames, dashboard_link, shown_name
 
 from .conftest import settle
 
@@ -34,7 +37,7 @@ def double_or_fail(x):
     return 2 * x
 
 
-def test_results_and_errors_come_back_as_records_with_worker_addresses():
+def test_results_and_errors_come_back_as_records_with_the_workers_short_names():
     with Executor("dask", 2, progress="none") as ex:
         assert ex.workers == 2
         before = time.time()
@@ -46,9 +49,63 @@ def test_results_and_errors_come_back_as_records_with_worker_addresses():
     assert results.values[:5] == [0, 2, 4, None, 8]
     assert results[3].status == "error" and results[3].error_type == "ValueError"
     assert "double_or_fail" in results[3].traceback
-    assert {r.worker for r in results} <= {row["worker"] for row in rows}
-    assert all(r.worker.startswith("tcp://127.0.0.1:") for r in results)
+    # a LocalCluster names its workers 0 and 1: the rows and the records say d0 and d1
+    assert [row["worker"] for row in rows] == ["d0", "d1"]
+    assert {r.worker for r in results} <= {"d0", "d1"}
+    assert all(row["address"].startswith("tcp://127.0.0.1:") for row in rows)
+    assert len({row["address"] for row in rows}) == 2
     assert len(rows) == 2 and all(row["rss"] > 0 and row["pid"] for row in rows)
+    done = {row["worker"]: row["done"] for row in rows}  # the rows count as the records say
+    assert done == {w: sum(r.worker == w for r in results) for w in ("d0", "d1")}
+
+
+def not_idle(ex):
+    return [row for row in ex.workers_info() if row["state"] != "idle" or row["task"] is not None]
+
+
+def test_workers_are_idle_with_no_task_once_a_run_ends_and_between_runs():
+    # The rows were published as the run ended, from the scheduler's figures of a moment
+    # before (a task executing on each worker), and not again: busy, with no task, forever.
+    with Executor("dask", 2, progress="none") as ex:
+        for _ in range(2):  # the second run on the same executor, after a pause
+            job = ex.start(time.sleep, [0.4] * 12)
+            # while it runs, a worker shows a task it runs
+            assert not settle(lambda: all(r["task"] is None for r in ex.workers_info()))
+            assert [r.status for r in job.result(timeout=60)] == ["ok"] * 12
+            assert not settle(lambda: not_idle(ex), seconds=3), ex.workers_info()
+            time.sleep(1.5)  # the scheduler's figures of the idle workers come in
+            assert not not_idle(ex), ex.workers_info()
+
+
+def test_short_names_are_a_workers_own_when_short_and_d_numbers_otherwise():
+    shown = {0: "d0", 12: "d12", "3": "d3", "gpu-a": "gpu-a", "w-1": "w-1"}
+    assert {name: shown_name(name) for name in shown} == shown
+    unshown = ("tcp://10.0.0.5:40123", "a-name-too-long-to-show", "two words", "", None, True, -1)
+    assert [shown_name(n) for n in unshown] == [None] * len(unshown)
+    names = ShortNames()
+    # the `dask worker` command names a worker by its address: it gets the first free d<n>
+    assert names("tcp://10.0.0.5:1", "tcp://10.0.0.5:1") == "d0"
+    assert names(None, "tcp://10.0.0.5:2") == "d1"
+    assert names(0, "tcp://10.0.0.6:1") == "d2"  # d0 is given: a number of its own
+    assert names(5, "tcp://10.0.0.6:2") == "d5"
+    assert names("gpu-a", "tcp://10.0.0.6:3") == "gpu-a"
+    assert names(5, "tcp://10.0.0.6:9") == "d5"  # worker 5 started again elsewhere
+    assert names("tcp://10.0.0.5:1", "tcp://10.0.0.5:1") == "d0"
+
+
+def test_a_dashboard_link_is_none_when_dask_names_no_dashboard():
+    class NoDashboard:
+        @property
+        def dashboard_link(self):
+            raise KeyError("dashboard")  # a scheduler without that service
+
+    class Empty:
+        dashboard_link = ""  # a cluster object without one
+
+    assert dashboard_link(NoDashboard()) is None
+    assert dashboard_link(Empty()) is None
+    with Executor("thread", 1, progress="none") as ex:
+        assert getattr(ex._pool, "dashboard_link", None) is None
 
 
 def test_identical_calls_are_not_merged():
@@ -104,6 +161,7 @@ def test_an_existing_client_is_used_and_left_open():
     ):
         with Executor("dask", client=client, progress="none") as ex:
             assert ex.run(abs, [-1, -2]).values == [1, 2]
+            assert ex._pool.dashboard_link == (client.dashboard_link or None)
         assert client.submit(abs, -3).result() == 3  # still open
 
 
@@ -212,10 +270,18 @@ def test_everything_a_local_cluster_starts_listens_on_loopback_only():
             for pid, ip, port in listening_addresses(ours)
             if pid != os.getpid() or port not in before
         }
-        dashboard = ex._pool._cluster.dashboard_link
+        dashboard = ex._pool.dashboard_link
+        with requests.Session() as session:
+            session.trust_env = False  # no proxy: the dashboard is on this machine
+            # the scheduler, in this process, closes its end at once: no fd is left
+            answer = session.get(dashboard, headers={"Connection": "close"}, timeout=30)
     assert len(listening) >= 5, listening  # scheduler, dashboard, two nannies, two workers
     assert {ip for _, ip, _ in listening} <= {"127.0.0.1", "::1"}, listening
-    assert dashboard.startswith("http://127.0.0.1:")
+    assert "0.0.0.0" not in {ip for _, ip, _ in listening}
+    found = re.fullmatch(r"http://127\.0\.0\.1:(\d+)/.*", dashboard)
+    assert found, dashboard
+    assert (os.getpid(), "127.0.0.1", int(found[1])) in listening  # the dashboard's socket
+    assert answer.status_code == 200
 
 
 UNGUARDED = """
@@ -351,9 +417,13 @@ def test_a_real_cluster_gives_records_and_errors(cluster_address):
     with Executor("dask", address=cluster_address, progress="none") as ex:
         assert ex.workers == 2
         results = ex.run(double_or_fail, range(500))
+        rows = ex.workers_info()
     assert results.values[:5] == [0, 2, 4, None, 8]
     assert results[3].status == "error" and "double_or_fail" in results[3].traceback
-    assert len({r.worker for r in results}) == 2
+    # `dask worker` names a worker by its address: each gets a number
+    assert sorted(row["worker"] for row in rows) == ["d0", "d1"]
+    assert {r.worker for r in results} == {"d0", "d1"}
+    assert all(row["address"].startswith("tcp://127.0.0.1:") for row in rows)
     assert not settle(lambda: cellpool_keys_on(cluster_address))
 
 

@@ -3,7 +3,10 @@
 dask does the scheduling across machines; cellpool keeps its own window, batching and
 records on top. Each batch is one dask task (``pure=False``, so identical calls are
 never merged), which runs the batch's tasks in the dask worker and returns their
-outcomes column-wise, with the worker's address.
+outcomes column-wise, with the worker's address and name.
+
+A dask worker goes by a short name in records and rows (``d0`` for a ``LocalCluster``'s
+worker 0, a short name of its own as it is, ``d<n>`` otherwise); rows give its address.
 
 In the dask worker, a batch runs on a thread of cellpool's own (``_Runner``) while the
 dask thread that was given it watches: it reports a task that has run for a while (its
@@ -19,7 +22,8 @@ cluster names the culprit. Finished results of a batch that failed are run again
 batch holds about ``batch_seconds`` of work.
 
 Everything that talks to the scheduler and may wait (its figures, closing the client
-and the cluster) runs on the pool's own thread, never on the dispatcher's.
+and the cluster) runs on the pool's own thread, never on the dispatcher's. Each time it
+has new figures it tells the dispatcher, which publishes the rows again even when idle.
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ from __future__ import annotations
 import ast
 import contextlib
 import contextvars
+import itertools
 import logging
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -47,6 +53,7 @@ PREFETCH = 4  # batches handed to dask per worker thread
 PACKED_RUNS = 8  # runs whose packed function is kept for their next batches
 INFO_SECONDS = 1.0  # how often the scheduler's figures are asked for
 WATCH_SECONDS = 0.1  # how often a dask thread looks at its batch; a task this long is reported
+SHORT_NAME = 12  # a dask worker's own name up to this long is shown as it is
 
 
 def _dask_distributed() -> Any:
@@ -170,9 +177,9 @@ _runners = threading.local()  # each dask worker thread's runner
 def run_batch(
     fn: Any, star: bool, retry_on: tuple, timeout: float | None, items: list, topic: str
 ) -> tuple | None:
-    """Runs in a dask worker: where the batch's tasks ran, this machine's epoch offset
-    (task times are on its monotonic clock) and their outcomes; ``None`` if the batch
-    was cancelled meanwhile: nobody waits for it.
+    """Runs in a dask worker: where the batch's tasks ran (the worker's address, name
+    and pid), this machine's epoch offset (task times are on its monotonic clock) and
+    their outcomes; ``None`` if the batch was cancelled meanwhile: nobody waits for it.
 
     ``fn`` comes as ``shipping.pack`` bytes (the scheduler passes them on untouched),
     or as itself when those could not be made. A task that has run ``WATCH_SECONDS``
@@ -199,7 +206,8 @@ def run_batch(
             job.abandoned = True
             _runners.runner = None
             return None
-    return worker.address, os.getpid(), time.time() - time.monotonic(), job.outcomes
+    epoch_offset = time.time() - time.monotonic()
+    return worker.address, worker.name, os.getpid(), epoch_offset, job.outcomes
 
 
 # -- in the client -----------------------------------------------------------------------
@@ -216,11 +224,76 @@ class _Started:
 
 
 @dataclass(slots=True)
+class _Ran:
+    """A dask worker ran a batch; ``outcomes`` are timed on this machine's clock."""
+
+    batch: Batch
+    address: str
+    name: Any  # the dask worker's own name
+    pid: int
+    outcomes: Outcomes
+
+
+@dataclass(slots=True)
 class _Failed:
     """dask could not run a batch."""
 
     batch: Batch
     error: BaseException
+
+
+def shown_name(name: Any) -> str | None:
+    """How a dask worker's own name is shown, if it is short: ``d3`` for the number 3
+    (a ``LocalCluster`` numbers its workers), a short string as it is. ``None`` for the
+    others: dask names a worker without one by its address."""
+    if isinstance(name, int) and not isinstance(name, bool) and name >= 0:
+        return f"d{name}"
+    if not isinstance(name, str) or not 0 < len(name) <= SHORT_NAME:
+        return None
+    if name.isascii() and name.isdigit():
+        return f"d{name}"
+    if "://" in name or not name.isprintable() or any(c.isspace() for c in name):
+        return None
+    return name
+
+
+class ShortNames:
+    """The names dask workers go by in records and rows: ``shown_name`` of a worker's
+    own name, or ``d<n>`` (the first not given) when that is long or already given. The
+    same own name keeps its short name: the worker a nanny starts again in place of a
+    ``LocalCluster``'s worker 0 is ``d0`` again. Used on the dispatcher thread only."""
+
+    def __init__(self) -> None:
+        self._given: dict[Any, str] = {}  # a worker's own name -> its short name
+
+    def __call__(self, name: Any, address: str) -> str:
+        if name is None:
+            name = address  # as dask names a worker without a name of its own
+        elif not isinstance(name, (int, str)):
+            name = repr(name)
+        short = self._given.get(name)
+        if short is None:
+            given = set(self._given.values())
+            short = shown_name(name)
+            if short is None or short in given:
+                short = next(f"d{n}" for n in itertools.count() if f"d{n}" not in given)
+            self._given[name] = short
+        return short
+
+
+def _in_order(name: str) -> list:
+    """Sorts ``d2`` before ``d10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def dashboard_link(client: Any) -> str | None:
+    """The address of the dashboard of ``client``'s scheduler, as dask gives it; ``None``
+    when it gives none (dask says ``""``, or has no dashboard service to name)."""
+    try:
+        link = client.dashboard_link
+    except Exception:  # no scheduler figures, or no "dashboard" among its services
+        return None
+    return link if isinstance(link, str) and link else None
 
 
 def unguarded_line() -> int | None:
@@ -315,9 +388,11 @@ class DaskPool(Pool):
         self._suspects: dict[Run, set[int]] = {}  # inputs of batches dask gave up on
         self._alone: set[int] = set()  # batches sent while nothing else ran
         self._packed: dict[int, Any] = {}  # run serial -> its function, pickled once
-        self._counts: dict[str, list[int]] = {}  # address -> [done, errors]
+        self._counts: dict[str, list[int]] = {}  # short name -> [done, errors]
         self._pids: dict[str, int] = {}  # address -> the pid its batches reported
+        self._names = ShortNames()
         self._info: dict[str, Any] = self._scheduler_workers()
+        self._dashboard = dashboard_link(self._client)
         self._closing = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name="cellpool-dask", daemon=True)
@@ -329,6 +404,7 @@ class DaskPool(Pool):
         try:
             while not self._closing.wait(INFO_SECONDS):
                 self._info = self._scheduler_workers()
+                self._report(Changed())  # rows from these figures, even while idle
                 cluster = self._cluster
                 if cluster is not None and len(cluster.workers) < self._local_workers:
                     # a nanny whose new worker died while starting (a task that kills
@@ -365,6 +441,12 @@ class DaskPool(Pool):
         self._report(_Started(seq, position, time.monotonic() - ran, worker))
 
     # -- the Pool interface (dispatcher thread) ----------------------------------------
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The address of the dask dashboard (``None`` when dask names none); read-only,
+        known from the start: it never waits on the scheduler."""
+        return self._dashboard
 
     @property
     def size(self) -> int:
@@ -419,9 +501,9 @@ class DaskPool(Pool):
         if status == "finished":
             result = future.result()
             if result is not None:  # None: the worker walked away from a cancelled batch
-                address, pid, epoch_offset, outcomes = result
+                address, name, pid, epoch_offset, outcomes = result
                 outcomes = _on_this_clock(outcomes, epoch_offset)
-                self._report(Completed(batch, 0, outcomes, address, pid))
+                self._report(_Ran(batch, address, name, pid, outcomes))
         elif status == "error":
             self._report(_Failed(batch, future.exception()))
         elif status != "cancelled":  # a cancelled future was reported by stop()
@@ -430,6 +512,10 @@ class DaskPool(Pool):
             future.add_done_callback(lambda again: self._done(batch, again))
 
     def handle(self, event: Any) -> list[Any]:
+        if isinstance(event, _Ran):
+            self._pids[event.address] = event.pid
+            worker = self._names(event.name, event.address)
+            return [Completed(event.batch, 0, event.outcomes, worker, event.pid)]
         if isinstance(event, _Started):
             if event.seq in self._batches:
                 self._started[event.seq] = event
@@ -443,7 +529,9 @@ class DaskPool(Pool):
         sent again one by one (after a death, as suspects, each alone on the cluster)."""
         killed = isinstance(error, self._killed_worker)
         reason = f"dask could not run the task: {error!r}"
-        where = getattr(getattr(error, "last_worker", None), "address", "dask")
+        last = getattr(error, "last_worker", None)  # the scheduler's record of it
+        address = getattr(last, "address", None)
+        where = "dask" if address is None else self._names(getattr(last, "name", None), address)
         if len(batch.items) == 1 and (batch.seq in self._alone or not killed):
             return WorkerGone(where, 0, reason, True, running=[(batch, 0)])
         if killed:  # it ran beside the culprit, or is it: which one, alone will tell
@@ -453,8 +541,7 @@ class DaskPool(Pool):
     def settle(self, event: Completed | WorkerGone) -> None:
         if isinstance(event, Completed):
             batch = event.batch
-            self._pids[event.worker] = event.pid
-            counts = self._counts.setdefault(event.worker, [0, 0])
+            counts = self._counts.setdefault(event.worker, [0, 0])  # as its records say
             counts[0] += len(event.outcomes.values)
             counts[1] += len(event.outcomes.failures)
         else:
@@ -512,14 +599,18 @@ class DaskPool(Pool):
         rows = []
         for address, info in sorted(self._info.items()):
             metrics = info.get("metrics", {})
-            executing = metrics.get("task_counts", {}).get("executing", 0)
+            # the scheduler's count is a heartbeat old and counts any client's tasks: it
+            # says busy only while batches of this pool are out
+            executing = bool(self._futures) and metrics.get("task_counts", {}).get("executing", 0)
             paused = info.get("status") == "paused"
-            done, errors = self._counts.get(address, [0, 0])
+            worker = self._names(info.get("name"), address)
+            done, errors = self._counts.get(worker, [0, 0])
             task = longest.get(address)
             batch = None if task is None else self._batches.get(task.seq)
             rows.append(
                 {
-                    "worker": address,
+                    "worker": worker,
+                    "address": address,
                     "pid": self._pids.get(address),
                     "state": "paused" if paused else "busy" if executing or task else "idle",
                     "task": None if batch is None else batch.indices[task.position],
@@ -533,7 +624,7 @@ class DaskPool(Pool):
                     "reason": "the dask worker paused itself (memory)" if paused else None,
                 }
             )
-        return rows
+        return sorted(rows, key=lambda row: _in_order(row["worker"]))
 
     def close(self, cancel_running: bool) -> None:
         self._closing.set()  # the pool's thread cancels, closes, then reports Changed
