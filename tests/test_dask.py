@@ -105,7 +105,7 @@ def test_a_dashboard_link_is_none_when_dask_names_no_dashboard():
     assert dashboard_link(NoDashboard()) is None
     assert dashboard_link(Empty()) is None
     with Executor("thread", 1, progress="none") as ex:
-        assert getattr(ex._pool, "dashboard_link", None) is None
+        assert ex.dashboard_link is None
 
 
 def test_identical_calls_are_not_merged():
@@ -161,7 +161,7 @@ def test_an_existing_client_is_used_and_left_open():
     ):
         with Executor("dask", client=client, progress="none") as ex:
             assert ex.run(abs, [-1, -2]).values == [1, 2]
-            assert ex._pool.dashboard_link == (client.dashboard_link or None)
+            assert ex.dashboard_link == (client.dashboard_link or None)
         assert client.submit(abs, -3).result() == 3  # still open
 
 
@@ -270,7 +270,7 @@ def test_everything_a_local_cluster_starts_listens_on_loopback_only():
             for pid, ip, port in listening_addresses(ours)
             if pid != os.getpid() or port not in before
         }
-        dashboard = ex._pool.dashboard_link
+        dashboard = ex.dashboard_link
         with requests.Session() as session:
             session.trust_env = False  # no proxy: the dashboard is on this machine
             # the scheduler, in this process, closes its end at once: no fd is left

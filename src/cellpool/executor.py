@@ -78,7 +78,7 @@ class Job:
             self.cancel,
             self._background,
             self._board,
-            getattr(executor._pool, "dashboard_link", None),
+            executor.dashboard_link,
         )
         if self._view is not None:
             self._view_thread = threading.Thread(
@@ -472,6 +472,12 @@ class Executor(futures.Executor):
         before ``KeyboardInterrupt`` propagates.
         """
         return self._start("run", fn, iterables, opts, background=False)._block()
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The dask dashboard's address, for ``kind="dask"`` (``None`` otherwise, or
+        when dask names none)."""
+        return getattr(self._pool, "dashboard_link", None)
 
     def workers_info(self) -> list[dict[str, Any]]:
         """The latest figures for each worker; see the README for the fields."""
