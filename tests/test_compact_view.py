@@ -232,3 +232,14 @@ def test_workers_replaced_after_their_task_limit_show_as_retired(browser_state):
     assert [row["done"] for row in retired] == ["5", "5"]
     assert all("max_tasks_per_worker=5" in row["state"] for row in retired)
     assert sum(int(row["done"]) for row in rows) == 12
+
+
+def test_a_dask_run_links_its_dashboard_and_names_workers_short(browser_state):
+    with Executor("dask", 2) as ex:
+        job = ex.start(nap, [0.2] * 20, progress="widget")
+        html = wait_for(lambda: "busy" in live_html(browser_state) and live_html(browser_state))
+        job.result(timeout=60)
+        link = ex.dashboard_link
+    assert link.startswith("http://127.0.0.1:")
+    assert f'href="{link}"' in html
+    assert {row["worker"] for row in table(html)} <= {"d0", "d1"}
