@@ -557,3 +557,14 @@ class Results(Sequence[TaskResult]):
                 parts.append(f"<p>... and {hidden} more failures; see <code>.errors</code></p>")
         parts.append("</div>")
         return "".join(parts)
+
+    def timeline(self) -> Timeline:  # noqa: F821 (import under TYPE_CHECKING at merge)
+        """A picture of the run: one lane per worker, a bar per task, failures in red.
+
+        Shown as SVG in Jupyter and kept in a saved notebook; ``.svg`` is the text and
+        ``.save(path)`` writes it. Past one task per pixel, tasks merge into busy spans,
+        so the picture stays small for a million records.
+        """
+        from .view.timeline import timeline
+
+        return timeline(self)
