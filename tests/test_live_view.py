@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import time
+from xml.etree import ElementTree
 
 import comm
 import psutil
@@ -205,3 +206,39 @@ def kernel_session(kernel_clients):
     client.stop_channels()
     manager.shutdown_kernel(now=True)
     settle(lambda: manager.is_alive())
+
+
+TIMELINE_CELL = """
+import time
+import cellpool
+
+def nap(x):
+    time.sleep(0.05)
+    if x == 5:
+        raise ValueError("five")
+    return x
+
+res = cellpool.run(nap, range(40), workers=2, progress="widget", label="naps")
+"""
+
+
+def test_a_finished_run_leaves_its_summary_and_timeline_in_the_output(kernel_session):
+    _manager, client = kernel_session
+    msg_id = client.execute(TIMELINE_CELL)
+    shown = []
+    while True:
+        msg = client.get_iopub_msg(timeout=60)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "display_data":
+            shown.append(msg["content"]["data"])
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    summary, picture = shown[-2:]
+    assert summary["text/plain"].startswith("naps [thread x2] 40/40 (100%) | 1 errors")
+    assert "cellpool-summary" in summary["text/html"]
+    svg = picture["image/svg+xml"]
+    root = ElementTree.fromstring(svg)  # a whole SVG document, kept when saved
+    assert root.tag.endswith("svg")
+    assert ">t1<" in svg and ">t2<" in svg  # a lane per worker
+    assert "error 1" in svg  # the failure is counted in the legend

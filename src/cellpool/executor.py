@@ -23,7 +23,7 @@ from .pool.thread import ThreadPool
 from .results import Results
 from .runs import PLAIN_SEQUENCES, Run, SequenceInput, StopMode
 from .sinks import FutureSink, OrderedSink, Raised, RecordSink
-from .view import View, WorkerBoard, make_view, no_events, normalize_progress
+from .view import View, ViewSource, WorkerBoard, make_view, no_events, normalize_progress
 
 POLL = 0.05  # how often a blocking wait lets widget events and signals through
 SHOW_AFTER = 0.5  # a blocking run shows its live view ("auto") once it lasts this long
@@ -69,17 +69,17 @@ class Job:
     def _show_view(self) -> None:
         """Display the view and start the thread that updates it."""
         run, executor = self._run, self._executor
-        self._view = make_view(
-            self._progress,
+        source = ViewSource(
             run,
             self._label,
             executor._monitor,
             executor._admission.note,
             self.cancel,
-            self._background,
             self._board,
+            self._sink.future.result,
             executor.dashboard_link,
         )
+        self._view = make_view(self._progress, source, self._background)
         if self._view is not None:
             self._view_thread = threading.Thread(
                 target=self._show, args=(self._view,), name="cellpool-progress", daemon=True

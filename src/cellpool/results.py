@@ -18,9 +18,12 @@ import sysconfig
 import time
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, NamedTuple, overload
+from typing import TYPE_CHECKING, Any, NamedTuple, overload
 
 from .errors import RemoteError, RemoteTraceback, TaskCancelled, TaskTimeout, WorkerCrashed
+
+if TYPE_CHECKING:
+    from .view.timeline import Timeline
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -558,7 +561,7 @@ class Results(Sequence[TaskResult]):
         parts.append("</div>")
         return "".join(parts)
 
-    def timeline(self) -> Timeline:  # noqa: F821 (import under TYPE_CHECKING at merge)
+    def timeline(self) -> Timeline:
         """A picture of the run: one lane per worker, a bar per task, failures in red.
 
         Shown as SVG in Jupyter and kept in a saved notebook; ``.svg`` is the text and

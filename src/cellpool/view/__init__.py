@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .kernel import current_kernel, no_events
@@ -19,11 +20,13 @@ from .workers import WorkerBoard
 if TYPE_CHECKING:
     from ..dispatch import Run
     from ..monitor import Monitor
+    from ..results import Results
 
 PROGRESS_MODES = ("auto", "widget", "text", "none")
 __all__ = [
     "PROGRESS_MODES",
     "View",
+    "ViewSource",
     "WorkerBoard",
     "make_view",
     "no_events",
@@ -52,17 +55,23 @@ def normalize_progress(progress: str | bool | None) -> str:
     return progress
 
 
-def make_view(
-    progress: str,
-    run: Run,
-    label: str,
-    monitor: Monitor,
-    note: Callable[[], str | None],
-    cancel: Callable[[], Any],
-    background: bool,
-    board: WorkerBoard,
-    dashboard: str | None = None,
-) -> View | None:
+@dataclass(frozen=True)
+class ViewSource:
+    """What a run's view reads and may do: the run, its label, the executor's monitor,
+    why dispatch is held (``note``), how to cancel, the board of its workers, the
+    ``Results`` once the run has ended, and dask's dashboard link."""
+
+    run: Run
+    label: str
+    monitor: Monitor
+    note: Callable[[], str | None]
+    cancel: Callable[[], Any]
+    board: WorkerBoard
+    results: Callable[[], Results]
+    dashboard: str | None = None
+
+
+def make_view(progress: str, source: ViewSource, background: bool) -> View | None:
     """The view ``progress`` asks for here, or ``None`` for no display.
 
     ``"auto"`` is the widget inside a kernel, the text line when stderr is a terminal,
@@ -79,9 +88,9 @@ def make_view(
     if progress == "widget":
         from .widget import WidgetProgress
 
-        return WidgetProgress(run, label, monitor, note, cancel, background, board, dashboard)
+        return WidgetProgress(source, background)
     if progress == "text":
         stream = sys.stderr
         quiet = background and is_terminal(stream) and prompt_is_interactive()
-        return TextProgress(run, label, stream, quiet)
+        return TextProgress(source.run, source.label, stream, quiet)
     return None

@@ -17,14 +17,15 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as widgets
 from IPython.display import display
 
+from ..results import Results
 from .figures import figures_of, summary_line
 from .html import live_html
 from .kernel import no_events, pumped_events, route_to_subshell
-from .workers import WorkerBoard, compact
+from .timeline import Timeline, timeline
+from .workers import compact
 
 if TYPE_CHECKING:
-    from ..dispatch import Run
-    from ..monitor import Monitor
+    from . import ViewSource
 
 REFRESH = 0.2
 
@@ -60,23 +61,14 @@ class WidgetProgress:
 
     refresh = REFRESH
 
-    def __init__(
-        self,
-        run: Run,
-        label: str,
-        monitor: Monitor,
-        note: Callable[[], str | None],
-        cancel: Callable[[], Any],
-        background: bool,
-        board: WorkerBoard,
-        dashboard: str | None = None,
-    ) -> None:
-        self._run = run
-        self._label = label
-        self._monitor = monitor
-        self._note = note
-        self._board = board
-        self._dashboard = dashboard
+    def __init__(self, source: ViewSource, background: bool) -> None:
+        run = self._run = source.run
+        self._label = source.label
+        self._monitor = source.monitor
+        self._note = source.note
+        self._board = source.board
+        self._results = source.results
+        self._dashboard = source.dashboard
         self._bar = widgets.IntProgress(value=0, min=0, max=max(run.total or 1, 1))
         self._bar.bar_style = "info"
         self._button = widgets.Button(
@@ -84,7 +76,7 @@ class WidgetProgress:
             icon="stop",
             tooltip="Cancel: pending tasks are dropped, running process tasks killed",
         )
-        self._button.on_click(lambda _button: cancel())
+        self._button.on_click(lambda _button: source.cancel())
         self._all = widgets.ToggleButton(
             description="All workers",
             tooltip="List every worker, not only the few worth a look",
@@ -95,10 +87,14 @@ class WidgetProgress:
             route_to_subshell(self._all)
         self._html = widgets.HTML()
         row = widgets.HBox([self._bar, self._button, self._all])
-        self.widget = LiveView(label, [row, self._html])
+        self.widget = LiveView(self._label, [row, self._html])
         display(self.widget)
-        # A background job ends after its cell: its summary goes where the cell left room.
-        self._summary = display(Summary(label, ""), display_id=True) if background else None
+        # A background job ends after its cell: its summary and picture go where the cell
+        # left room for them.
+        self._summary = self._picture = None
+        if background:
+            self._summary = display(Summary(self._label, ""), display_id=True)
+            self._picture = display(Summary("", ""), display_id=True)
 
     def _html_now(self, sample: Any, show_all: bool, live: bool) -> tuple[str, int]:
         """The view's HTML from ``sample``, and how many workers it leaves unlisted.
@@ -145,13 +141,23 @@ class WidgetProgress:
         html, _hidden = self._html_now(self._monitor.sample(), show_all=False, live=False)
         return Summary(summary_line(self._label, figures_of(self._run)), html)
 
+    def _timeline(self) -> Timeline:
+        """The run's picture, with the pauses the view saw."""
+        try:
+            results = self._results()
+        except BaseException as error:  # the input raised: its records so far
+            results = getattr(error, "results", None) or Results()
+        return timeline(results, self._board.pauses())
+
     def finish(self) -> None:
-        """Leave the static summary."""
-        summary = self._summary_now()
-        if self._summary is not None:
+        """Leave the static summary and the run's timeline."""
+        summary, picture = self._summary_now(), self._timeline()
+        if self._summary is not None and self._picture is not None:
             self._summary.update(summary)
+            self._picture.update(picture)
         else:
             display(summary)
+            display(picture)
 
     def events(self) -> contextlib.AbstractContextManager[Callable[[], None]]:
         """While a cell blocks on the run, the Cancel click must get through (see

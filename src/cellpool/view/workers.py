@@ -10,6 +10,7 @@ workers, a count per state, and the handful of rows worth a look.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ class WorkerBoard:
         self._tally = tally  # worker -> [finished, failed] in this run (Run.by_worker)
         self._departures = departures  # worker -> (state, reason) as it left
         self._seen: dict[str, dict[str, Any]] = {}  # worker -> its last row in this run
+        self._paused: dict[str, tuple[float, str]] = {}  # worker -> since (epoch), reason
+        self._pauses: list[tuple[str, float, float, str]] = []  # ended pauses
 
     def rows(self, sampled: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``sampled`` with the run's own done and errors, plus the workers the run
@@ -53,8 +56,24 @@ class WorkerBoard:
                 last = self._seen.get(worker) or _unseen(worker)
                 gone = _gone(last, departures.get(worker))
                 current[worker] = {**gone, "done": done, "errors": errors}
+        self._note_pauses(current)
         self._seen = current
         return list(current.values())
+
+    def _note_pauses(self, rows: dict[str, dict[str, Any]]) -> None:
+        now = time.time()  # the timeline's clock: records' times are epoch seconds
+        for worker, row in rows.items():
+            if row["state"] == "paused" and worker not in self._paused:
+                self._paused[worker] = (now, row.get("reason") or "paused")
+            elif row["state"] != "paused" and worker in self._paused:
+                since, reason = self._paused.pop(worker)
+                self._pauses.append((worker, since, now, reason))
+
+    def pauses(self) -> list[tuple[str, float, float | None, str]]:
+        """The pauses seen, as ``(worker, start, end, reason)``; ``end`` is ``None`` for
+        a pause still going on."""
+        going_on = [(worker, since, None, why) for worker, (since, why) in self._paused.items()]
+        return [*self._pauses, *going_on]
 
 
 def _unseen(worker: str) -> dict[str, Any]:
