@@ -233,6 +233,7 @@ def test_the_jupyter_repr_and_save_give_the_same_text(tmp_path):
     results = Results(record(i, "t1", i * 0.1, 0.1) for i in range(3))
     picture = results.timeline()
     assert picture._repr_svg_() == picture.svg
+    assert repr(picture) == "<cellpool timeline of 3 tasks>"  # the same whatever the times
     picture.save(tmp_path / "run.svg")
     assert (tmp_path / "run.svg").read_text(encoding="utf-8") == picture.svg
 

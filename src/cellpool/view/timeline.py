@@ -77,8 +77,9 @@ class Timeline:
     Jupyter shows it through ``_repr_svg_`` and a saved notebook keeps it as an image.
     """
 
-    def __init__(self, svg: str) -> None:
+    def __init__(self, svg: str, tasks: int) -> None:
         self.svg = svg
+        self._tasks = tasks
 
     def _repr_svg_(self) -> str:
         return self.svg
@@ -88,7 +89,8 @@ class Timeline:
         Path(path).write_text(self.svg, encoding="utf-8")
 
     def __repr__(self) -> str:
-        return f"<cellpool Timeline: {len(self.svg):,} characters of SVG>"
+        # what was drawn, not how: a saved notebook's plain text stays the same
+        return f"<cellpool timeline of {self._tasks:,} tasks>"
 
 
 def timeline(results: Results, pauses: Iterable[Pause] = ()) -> Timeline:
@@ -97,7 +99,7 @@ def timeline(results: Results, pauses: Iterable[Pause] = ()) -> Timeline:
     ``pauses`` are ``(worker, start, end, reason)`` tuples (epoch seconds) shaded behind
     the lanes; ``worker`` ``None`` shades every lane.
     """
-    return Timeline(timeline_svg(results, pauses))
+    return Timeline(timeline_svg(results, pauses), len(results))
 
 
 def timeline_svg(results: Results, pauses: Iterable[Pause] = ()) -> str:
