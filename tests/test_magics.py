@@ -134,6 +134,37 @@ def test_malformed_lines_are_one_line_usage_errors(shell, line, words):
     assert "\n" not in str(error)
 
 
+def test_a_label_names_the_run_in_its_view_and_summary(shell):
+    run(shell, "import threading\ngate = threading.Event()\ndef square(v):\n    return v * v\n")
+    run(
+        shell,
+        "%%parallel x in range(3) -w 2 --label 'first pass' --background -o job\n"
+        "gate.wait(10) and x\n",
+    )
+    run(shell, "%parallel square range(3) -w 2 --background -o job2 --label squares")
+    job, job2 = shell.user_ns["job"], shell.user_ns["job2"]
+    assert job._label == "first pass [thread x2]"
+    assert job2._label == "squares [thread x2]"
+    shell.user_ns["gate"].set()
+    assert job.result(timeout=10).values == [0, 1, 2]
+    assert job2.result(timeout=10).values == [0, 1, 4]
+    # Without a label, the run is named after the cell or the function, as before.
+    run(shell, "%%parallel x in range(2) -w 2 --background -o job3\nx")
+    assert shell.user_ns["job3"]._label == "%%parallel [thread x2]"
+    shell.user_ns["job3"].result(timeout=10)
+
+
+def test_a_label_is_for_one_run_so_parallel_config_rejects_it(shell):
+    error = shell.run_cell("%parallel_config -w 2 --label nightly").error_in_exec
+    assert type(error).__name__ == "UsageError"
+    assert "unrecognized arguments: --label nightly" in str(error)
+    assert run(shell, "%parallel_config") == {"kind": "thread"}  # unchanged
+    error = shell.run_cell("%%parallel x in range(2) --label\nx").error_in_exec
+    assert type(error).__name__ == "UsageError"
+    assert "--label: expected one argument" in str(error)
+    assert "--label TEXT" in shell.find_cell_magic("parallel").__doc__
+
+
 def test_the_line_form_reports_a_malformed_line(shell):
     error = shell.run_cell("%parallel square").error_in_exec
     assert type(error).__name__ == "UsageError"
@@ -176,6 +207,10 @@ def test_an_interrupt_stores_the_partial_results_before_propagating(shell):
     outcome = shell.run_cell("%%parallel x in range(6) -w 2 -o partial\ngate.wait(20) and x\n")
     shell.user_ns["gate"].set()
     assert isinstance(outcome.error_in_exec, KeyboardInterrupt)
+    # What IPython shows for it: no frame of cellpool's or of the magic machinery.
+    shown = "\n".join(outcome.error_in_exec._render_traceback_())
+    assert "KeyboardInterrupt" in shown
+    assert os.path.dirname(cellpool.__file__) not in shown and "File " not in shown
     partial = shell.user_ns["partial"]
     assert isinstance(partial, cellpool.Results)
     assert len(partial) == 6
@@ -192,6 +227,8 @@ def test_cells_in_a_real_kernel(kernel_clients):
         "%%parallel x in range(3) -w 2 --background -o job\nx * 2",
         "job.result(timeout=30).values",
         "%%parallel x in range(3) --bogus\nx",
+        "%%parallel x in range(3) -w 2 --background --label 'first pass' -o job2\nx * 3",
+        "job2.result(timeout=30).values",
     ]
     outputs = kernel_clients(cells)
 
@@ -217,3 +254,7 @@ def test_cells_in_a_real_kernel(kernel_clients):
             text="UsageError: %%parallel: unrecognized arguments: --bogus\n",
         )
     ]
+    view, summary = shown(7)  # the label names the run in both
+    assert view == "cellpool live view: first pass [thread x2]"
+    assert summary.startswith("first pass [thread x2] 3/3 (100%)")
+    assert result(8) == "[0, 3, 6]"

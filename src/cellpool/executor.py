@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -24,6 +25,7 @@ from .results import Results
 from .runs import PLAIN_SEQUENCES, Run, SequenceInput, StopMode
 from .sinks import FutureSink, OrderedSink, Raised, RecordSink
 from .view import View, ViewSource, WorkerBoard, make_view, no_events, normalize_progress
+from .view.kernel import interrupted
 
 POLL = 0.05  # how often a blocking wait lets widget events and signals through
 SHOW_AFTER = 0.5  # a blocking run shows its live view ("auto") once it lasts this long
@@ -121,7 +123,8 @@ class Job:
         """``result()`` for a caller that holds the cell. With ``progress="auto"`` the
         view appears once the run has lasted ``SHOW_AFTER`` seconds: a quick run shows
         just its ``Results``. Ctrl-C (a kernel interrupt) cancels the run, waits
-        briefly for the stop and re-raises."""
+        briefly for the stop and raises a ``KeyboardInterrupt`` that a kernel shows as
+        a plain cell's."""
         try:
             lasting = self._view is None and self._progress == "auto"
             if lasting and not self._wait(until=self._run.created + SHOW_AFTER):
@@ -129,8 +132,9 @@ class Job:
             self._wait()
         except KeyboardInterrupt:
             self.cancel()
-            self._run.finished.wait(INTERRUPT_GRACE)
-            raise
+            with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: wait no more
+                self._run.finished.wait(INTERRUPT_GRACE)
+            raise interrupted() from None
         finally:
             if self._view is not None and self._run.finished.is_set():
                 self._view_thread.join()  # type: ignore[union-attr]

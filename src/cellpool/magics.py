@@ -41,9 +41,10 @@ def _option_parser(prog: str, per_run: bool) -> _Parser:
     parser.add_argument("--memory-limit", dest="memory_limit")
     parser.add_argument("--fd-limit", dest="fd_limit", type=int)
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    if per_run:
+    if per_run:  # these belong to one run: no session default (%parallel_config)
         parser.add_argument("-o", "--out")
         parser.add_argument("--background", action="store_true")
+        parser.add_argument("--label")
     return parser
 
 
@@ -155,7 +156,9 @@ class ParallelMagics(Magics):
     def _launch(self, fn: Callable[..., Any], items: Any, options: dict[str, Any]) -> Any:
         executor = self._executor(options)
         run_options = {
-            name: options[name] for name in ("timeout", "retries", "progress") if name in options
+            name: options[name]
+            for name in ("timeout", "retries", "progress", "label")
+            if name in options
         }
         background = bool(options.get("background"))
         try:
@@ -189,7 +192,12 @@ class ParallelMagics(Magics):
 
         Options: ``-k/--kind thread|process``, ``-w/--workers N``, ``--timeout S``,
         ``--retries N``, ``--no-progress``, ``-o/--out NAME`` (store the Results),
-        ``--background`` (start a Job and return at once; stored in NAME).
+        ``--background`` (start a Job and return at once; stored in NAME),
+        ``--label TEXT`` (name the run in its view and summary; quote it if it has
+        spaces: ``--label "first pass"``).
+
+        ``%parallel_config`` takes the pool and run options, not ``-o``,
+        ``--background`` or ``--label``: those belong to one run.
         """
         if cell is None:
             return self._line(line)
@@ -241,7 +249,12 @@ class ParallelMagics(Magics):
 
     @line_magic
     def parallel_config(self, line: str) -> dict[str, Any] | None:
-        """Set this session's defaults for ``%%parallel``; with no options, show them."""
+        """Set this session's defaults for ``%%parallel``; with no options, show them.
+
+        Takes the options of ``%%parallel`` but ``-o``, ``--background`` and ``--label``,
+        which belong to one run: a label names one run, and as a default it would give
+        every later run the same name.
+        """
         try:
             words = shlex.split(line)
         except ValueError as error:
