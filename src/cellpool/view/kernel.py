@@ -60,12 +60,7 @@ def _create_subshell(kernel: Any) -> str | None:
 
 
 def route_to_subshell(widget: Any) -> bool:
-    """Have ``widget``'s messages handled on a subshell; False where the kernel has none.
-
-    A live view calls it as it appears, which is when JupyterLab may ask for a subshell
-    of its own: from then on the kernel reads busy until the cell ends.
-    """
-    keep_busy_until_the_cell_ends()
+    """Have ``widget``'s messages handled on a subshell; False where the kernel has none."""
     kernel = current_kernel()
     if not getattr(kernel, "_supports_kernel_subshells", False):
         return False

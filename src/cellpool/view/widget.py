@@ -20,7 +20,12 @@ from IPython.display import display
 from ..results import Results
 from .figures import figures_of, summary_line
 from .html import live_html
-from .kernel import no_events, pumped_events, route_to_subshell
+from .kernel import (
+    keep_busy_until_the_cell_ends,
+    no_events,
+    pumped_events,
+    route_to_subshell,
+)
 from .timeline import Timeline, timeline
 from .workers import compact
 
@@ -62,6 +67,9 @@ class WidgetProgress:
     refresh = REFRESH
 
     def __init__(self, source: ViewSource, background: bool) -> None:
+        # The first widget of a kernel has JupyterLab ask for a subshell, whose idle
+        # would make the kernel look idle while the cell runs (see view.kernel).
+        keep_busy_until_the_cell_ends()
         run = self._run = source.run
         self._label = source.label
         self._monitor = source.monitor
