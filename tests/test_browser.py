@@ -87,22 +87,29 @@ VIEW_JS = """() => {
       c.querySelector('.jp-InputPrompt')?.innerText.trim() === '[*]:');
   const running = [...document.querySelectorAll('.jp-CodeCell')].find(c =>
       c.querySelector('.jp-InputPrompt')?.innerText.trim() === '[*]:');
-  const output = running?.querySelector('.jp-OutputArea');
+  // the view: the outputs but the timeline's picture (bounded on its own)
+  const items = running ? [...running.querySelectorAll('.jp-OutputArea-child')] : [];
+  const picture = (item) => item.querySelector('svg, img') !== null;
+  const viewHeight = items.filter(item => !picture(item))
+    .reduce((sum, item) => sum + item.getBoundingClientRect().height, 0);
   const bar = running?.querySelector('.widget-hprogress');
   const box = bar?.getBoundingClientRect();
   const rows = running ? [...running.querySelectorAll('table.cellpool-workers tr')].slice(1)
     .map(row => [...row.cells].map(cell => cell.innerText.trim())) : [];
   return {
     running: running !== undefined,
-    height: output ? output.getBoundingClientRect().height : null,
+    height: items.length ? viewHeight : null,
     barVisible: box ? box.top >= 0 && box.bottom <= window.innerHeight && box.height > 0 : null,
     rows: rows,
     status: document.querySelector('.jp-Notebook-ExecutionIndicator [data-status], '
       + '[data-status]')?.getAttribute('data-status') ?? null,
     summaries: [...document.querySelectorAll('.cellpool-summary')].map(s => ({
       text: s.innerText,
-      height: s.closest('.jp-OutputArea').getBoundingClientRect().height,
+      height: s.closest('.jp-OutputArea-child').getBoundingClientRect().height,
     })),
+    pictures: [...document.querySelectorAll('.jp-OutputArea-child')]
+      .filter(item => item.querySelector('svg, img') !== null)
+      .map(item => item.getBoundingClientRect().height),
   };
 }"""
 VIEW_BOUND = 250  # px: the whole view, for any number of workers
@@ -302,5 +309,7 @@ def test_the_view_stays_small_for_many_workers_and_shows_why_one_is_paused(lab, 
     assert len(final["summaries"]) == 2
     for summary in final["summaries"]:
         assert summary["height"] < VIEW_BOUND
+    assert len(final["pictures"]) == 2  # a timeline under each summary
+    assert all(0 < height < 420 for height in final["pictures"])
     assert "480/480 (100%) done" in final["summaries"][0]["text"]
     assert "96/96 (100%) done" in final["summaries"][1]["text"]
