@@ -242,3 +242,46 @@ def test_a_finished_run_leaves_its_summary_and_timeline_in_the_output(kernel_ses
     assert root.tag.endswith("svg")
     assert ">t1<" in svg and ">t2<" in svg  # a lane per worker
     assert "error 1" in svg  # the failure is counted in the legend
+
+
+BACKGROUND_CELL = """
+import time
+import cellpool
+
+def nap(x):
+    time.sleep(0.3)
+    return x
+
+job = cellpool.Executor("thread", 2).start(nap, range(6), label="naps")
+"""
+
+
+def test_a_background_job_fills_in_its_summary_and_timeline_where_its_cell_left_room(
+    kernel_session,
+):
+    _manager, client = kernel_session
+    started = client.execute(BACKGROUND_CELL)
+    waited = None
+    slots, updates = {}, {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            msg = client.get_iopub_msg(timeout=1)
+        except queue.Empty:
+            continue
+        content, kind = msg["content"], msg["msg_type"]
+        display_id = content.get("transient", {}).get("display_id")
+        if kind == "display_data" and display_id:
+            slots[display_id] = content["data"]["text/plain"]  # made in the job's cell
+        elif kind == "update_display_data":
+            updates[display_id] = content["data"]  # the frontend updates by display id
+        parent = msg["parent_header"].get("msg_id")
+        if kind == "status" and content["execution_state"] == "idle":
+            if parent == started and waited is None:
+                waited = client.execute("job.result(timeout=30).values")
+            elif parent == waited:
+                break
+    summary, picture = (updates[display_id] for display_id in slots)
+    assert list(slots.values()) == ["naps [thread x2]", ""]  # room left, in order
+    assert summary["text/plain"].startswith("naps [thread x2] 6/6 (100%)")
+    assert "image/svg+xml" in picture and picture["text/plain"] == "<cellpool timeline of 6 tasks>"
