@@ -96,13 +96,18 @@ VIEW_JS = """() => {
   const box = bar?.getBoundingClientRect();
   const rows = running ? [...running.querySelectorAll('table.cellpool-workers tr')].slice(1)
     .map(row => [...row.cells].map(cell => cell.innerText.trim())) : [];
+  const rowHeights = (scope) => [...scope.querySelectorAll('table.cellpool-workers tr')]
+    .slice(1).map(row => row.getBoundingClientRect().height);
   return {
     running: running !== undefined,
     height: items.length ? viewHeight : null,
     barVisible: box ? box.top >= 0 && box.bottom <= window.innerHeight && box.height > 0 : null,
     rows: rows,
-    status: document.querySelector('.jp-Notebook-ExecutionIndicator [data-status], '
-      + '[data-status]')?.getAttribute('data-status') ?? null,
+    rowHeights: running ? rowHeights(running) : [],
+    summaryRowHeights: [...document.querySelectorAll('.cellpool-summary')]
+      .flatMap(rowHeights),
+    status: document.querySelector('.jp-Notebook-ExecutionIndicator')
+      ?.getAttribute('data-status') ?? null,
     summaries: [...document.querySelectorAll('.cellpool-summary')].map(s => ({
       text: s.innerText,
       height: s.closest('.jp-OutputArea-child').getBoundingClientRect().height,
@@ -310,6 +315,9 @@ def test_the_view_stays_small_for_many_workers_and_shows_why_one_is_paused(lab, 
     for summary in final["summaries"]:
         assert summary["height"] < VIEW_BOUND
     assert len(final["pictures"]) == 2  # a timeline under each summary
+    # rows keep their height when the run ends: the output does not jump
+    live_rows = {round(h) for view in threads + processes for h in view["rowHeights"]}
+    assert live_rows == {round(h) for h in final["summaryRowHeights"]}, live_rows
     assert all(0 < height < 420 for height in final["pictures"])
     assert "480/480 (100%) done" in final["summaries"][0]["text"]
     assert "96/96 (100%) done" in final["summaries"][1]["text"]
