@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import threading
 import time
 
@@ -67,6 +68,16 @@ def shared_multiprocessing_helpers():
     # Where there is no memfd, workers' shared memory comes from multiprocessing's heap,
     # whose first arena (an fd) stays for the interpreter's life once made.
     context.RawArray("d", 8)
+
+
+def iopub_messages(client, seconds: float = 60):
+    """A kernel client's IOPub messages as they come, for at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            yield client.get_iopub_msg(timeout=1)
+        except queue.Empty:
+            continue
 
 
 def execute_cells(sources: list[str]) -> list[list[dict]]:

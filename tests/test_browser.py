@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -203,6 +204,23 @@ def lab(tmp_path):
             server.wait()
 
 
+@contextlib.contextmanager
+def _notebook(lab: str, name: str):
+    """A page in Chromium with notebook ``name`` open, its kernel ready and its first
+    cell selected."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        try:
+            page = _open(browser, lab, name)
+            page.locator(".jp-CodeCell .jp-InputArea-editor").first.click()
+            page.keyboard.press("Escape")
+            yield page
+        finally:
+            browser.close()
+
+
 def _open(browser, lab: str, name: str):
     """A page with notebook ``name`` open and its kernel ready."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -219,31 +237,22 @@ def _open(browser, lab: str, name: str):
 
 
 def test_the_live_view_moves_in_jupyterlab_and_leaves_a_summary(lab):
-    from playwright.sync_api import sync_playwright
+    with _notebook(lab, "live.ipynb") as page:
+        page.keyboard.press("Shift+Enter")
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        try:
-            page = _open(browser, lab, "live.ipynb")
-            page.locator(".jp-CodeCell .jp-InputArea-editor").first.click()
-            page.keyboard.press("Escape")
-            page.keyboard.press("Shift+Enter")
-
-            bars, tables = [], []
-            deadline = time.monotonic() + 120
-            while True:
-                page.wait_for_timeout(150)
-                seen = page.evaluate(WATCH_JS)
-                if seen["prompt"] == "[*]:":
-                    if seen["bar"] is not None:
-                        bars.append(seen["bar"])
-                    if seen["rows"]:
-                        tables.append(seen["rows"])
-                elif seen["summary"] is not None:
-                    break
-                assert time.monotonic() < deadline, "the cell did not finish"
-        finally:
-            browser.close()
+        bars, tables = [], []
+        deadline = time.monotonic() + 120
+        while True:
+            page.wait_for_timeout(150)
+            seen = page.evaluate(WATCH_JS)
+            if seen["prompt"] == "[*]:":
+                if seen["bar"] is not None:
+                    bars.append(seen["bar"])
+                if seen["rows"]:
+                    tables.append(seen["rows"])
+            elif seen["summary"] is not None:
+                break
+            assert time.monotonic() < deadline, "the cell did not finish"
 
     moving = [value for value in bars if 0 < value < 100]
     assert len(set(moving)) >= 2, f"the bar did not advance while running: {bars}"
@@ -280,24 +289,15 @@ def _watch_cell(page, shots: Path, name: str, worth_a_shot) -> list[dict]:
 
 
 def test_the_view_stays_small_for_many_workers_and_shows_why_one_is_paused(lab, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     shots = Path(os.environ.get("CELLPOOL_SHOTS", tmp_path))
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        try:
-            page = _open(browser, lab, "scale.ipynb")
-            page.locator(".jp-CodeCell .jp-InputArea-editor").first.click()
-            page.keyboard.press("Escape")
-            threads = _watch_cell(page, shots, "threads", lambda rows: len(rows) >= 5)
-            processes = _watch_cell(
-                page, shots, "processes", lambda rows: any("fd_limit" in row[2] for row in rows)
-            )
-            page.wait_for_timeout(500)
-            final = page.evaluate(VIEW_JS)
-            page.locator(".jp-Notebook").screenshot(path=shots / "notebook.png")
-        finally:
-            browser.close()
+    with _notebook(lab, "scale.ipynb") as page:
+        threads = _watch_cell(page, shots, "threads", lambda rows: len(rows) >= 5)
+        processes = _watch_cell(
+            page, shots, "processes", lambda rows: any("fd_limit" in row[2] for row in rows)
+        )
+        page.wait_for_timeout(500)
+        final = page.evaluate(VIEW_JS)
+        page.locator(".jp-Notebook").screenshot(path=shots / "notebook.png")
 
     for name, seen in (("threads", threads), ("processes", processes)):
         live = [view for view in seen if view["height"]]

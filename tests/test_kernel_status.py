@@ -12,7 +12,7 @@ import pytest
 from jupyter_client.manager import start_new_kernel
 from jupyter_server.services.kernels.kernelmanager import MappingKernelManager
 
-from .conftest import settle
+from .conftest import iopub_messages, settle
 
 LIVE_RUN = (
     "import time, cellpool\n"
@@ -54,12 +54,7 @@ def run_as_jupyterlab(client, code: str, ask_late: bool = False) -> tuple[list[d
     statuses: list[dict] = []
     subshell_asked = None
     opened = view_shown = False
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            msg = client.get_iopub_msg(timeout=1)
-        except queue.Empty:
-            continue
+    for msg in iopub_messages(client):
         kind, content = msg["msg_type"], msg["content"]
         opened = opened or (kind == "comm_open" and content["target_name"] == "jupyter.widget")
         view_shown = view_shown or kind == "display_data"

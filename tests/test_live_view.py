@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import queue
 import time
 from xml.etree import ElementTree
 
@@ -15,7 +14,7 @@ from jupyter_client.manager import start_new_kernel
 import cellpool
 from cellpool import Executor
 
-from .conftest import settle
+from .conftest import iopub_messages, settle
 
 
 class RecordingComm:
@@ -170,16 +169,12 @@ def test_cancel_clicked_during_a_blocking_run_in_a_kernel(kernel_session):
     _manager, client = kernel_session
     msg_id = client.execute(CANCEL_CELL)
     button = None
-    deadline = time.monotonic() + 60
-    while button is None and time.monotonic() < deadline:
-        try:
-            msg = client.get_iopub_msg(timeout=1)
-        except queue.Empty:
-            continue
+    for msg in iopub_messages(client):
         if msg["msg_type"] == "comm_open":
             state = msg["content"]["data"].get("state", {})
             if state.get("_model_name") == "ButtonModel":
                 button = msg["content"]["comm_id"]
+                break
     assert button is not None
     time.sleep(1.5)  # a few tasks finish, most are still pending
     click = {"method": "custom", "content": {"event": "click"}}
@@ -263,12 +258,7 @@ def test_a_background_job_fills_in_its_summary_and_timeline_where_its_cell_left_
     started = client.execute(BACKGROUND_CELL)
     waited = None
     slots, updates = {}, {}
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            msg = client.get_iopub_msg(timeout=1)
-        except queue.Empty:
-            continue
+    for msg in iopub_messages(client):
         content, kind = msg["content"], msg["msg_type"]
         display_id = content.get("transient", {}).get("display_id")
         if kind == "display_data" and display_id:

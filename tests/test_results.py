@@ -588,5 +588,5 @@ def test_where_a_task_failed_is_the_users_line_not_the_librarys():
     assert "requests/models.py" in results[0].traceback  # the whole traceback keeps it
     assert f"({expected})" in repr(results)
     page = results._repr_html_()
-    assert f"<code>{expected}</code>" in page
+    assert f'<code style="white-space:nowrap">{expected}</code>' in page
     assert "white-space:nowrap" in page and "text-align:left" in page  # one line per row

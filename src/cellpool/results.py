@@ -142,6 +142,9 @@ _FAILURE_COLUMNS = (
 )
 
 
+_NOWRAP_CODE = '<code style="white-space:nowrap">{}</code>'  # a notebook's code may wrap
+
+
 def _plain(cell: str) -> str:
     """A cell's text without its markup (for the tooltip)."""
     return html.unescape(re.sub(r"<[^>]+>", "", cell))
@@ -545,7 +548,7 @@ class Results(Sequence[TaskResult]):
                     escape(item if len(item) <= 200 else item[:199] + "…"),
                     r.status,
                     escape(f"{r.error_type}: {r.error}"),
-                    f"<code>{escape(where_it_failed(r.traceback))}</code>",
+                    _NOWRAP_CODE.format(escape(where_it_failed(r.traceback))),
                     escape(str(r.worker or "")),
                     str(r.attempts),
                 )
