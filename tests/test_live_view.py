@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from xml.etree import ElementTree
 
@@ -275,3 +276,41 @@ def test_a_background_job_fills_in_its_summary_and_timeline_where_its_cell_left_
     assert list(slots.values()) == ["naps [thread x2]", ""]  # room left, in order
     assert summary["text/plain"].startswith("naps [thread x2] 6/6 (100%)")
     assert "image/svg+xml" in picture and picture["text/plain"] == "<cellpool timeline of 6 tasks>"
+
+
+@pytest.fixture(params=["before", "after"])
+def ctrl_c_as_the_view_starts(request, monkeypatch, recording_comm):
+    """A Ctrl-C that lands inside ``Thread.start()`` of the view's thread, before the
+    thread exists or once it has begun (while start() waits for it), with a view due:
+    a kernel is there for ``progress="auto"``."""
+    start = threading.Thread.start
+
+    def interrupted_start(thread):
+        if thread.name != "cellpool-progress":
+            return start(thread)
+        if request.param == "after":
+            start(thread)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted_start)
+    monkeypatch.setattr(cellpool.view, "current_kernel", lambda: object())
+
+
+@pytest.mark.filterwarnings("ignore:cellpool. 2 threads still run")  # they wait on the gate
+@pytest.mark.parametrize("progress", ["auto", "widget"])
+def test_ctrl_c_as_the_view_starts_cancels_the_run_and_raises_it(
+    ctrl_c_as_the_view_starts, progress
+):
+    gate, ran = threading.Event(), []
+
+    def wait(x):
+        ran.append(x)
+        return gate.wait(5)
+
+    with Executor("thread", 2) as ex:
+        with pytest.raises(KeyboardInterrupt):
+            ex.run(wait, range(6), progress=progress)
+        gate.set()
+        later = ex.run(abs, range(3), progress="none")
+    assert later.values == [0, 1, 2]
+    assert len(ran) <= 2  # cancelled: only what the two threads had started ran

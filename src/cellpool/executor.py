@@ -65,7 +65,11 @@ class Job:
             lambda: dict(run.by_worker), lambda: executor._dispatcher.departures
         )
         if background or progress != "auto":
-            self._show_view()
+            try:
+                self._show_view()
+            except BaseException:  # Ctrl-C, or no view could be made: no run goes on unseen
+                self.cancel()
+                raise
         # else: a blocking run shows its view only if it lasts (see _block)
 
     def _show_view(self) -> None:
@@ -83,10 +87,13 @@ class Job:
         )
         self._view = make_view(self._progress, source, self._background)
         if self._view is not None:
-            self._view_thread = threading.Thread(
+            thread = threading.Thread(
                 target=self._show, args=(self._view,), name="cellpool-progress", daemon=True
             )
-            self._view_thread.start()
+            thread.start()
+            # Set only once started: a Ctrl-C inside start() leaves no thread to join,
+            # and the view to that thread alone if it did start.
+            self._view_thread = thread
 
     def _show(self, view: View) -> None:
         while not self._run.finished.wait(view.refresh):
@@ -136,9 +143,10 @@ class Job:
                 self._run.finished.wait(INTERRUPT_GRACE)
             raise interrupted() from None
         finally:
-            if self._view is not None and self._run.finished.is_set():
-                self._view_thread.join()  # type: ignore[union-attr]
-                self._view.finish()
+            thread = self._view_thread
+            if thread is not None and self._run.finished.is_set():
+                thread.join()
+                self._view.finish()  # type: ignore[union-attr]
         return self.result()
 
     def cancel(self) -> bool:
