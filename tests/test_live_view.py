@@ -313,4 +313,7 @@ def test_ctrl_c_as_the_view_starts_cancels_the_run_and_raises_it(
         gate.set()
         later = ex.run(abs, range(3), progress="none")
     assert later.values == [0, 1, 2]
-    assert len(ran) <= 2  # cancelled: only what the two threads had started ran
+    # Cancelled before the gate opened: what ran is what the two threads held (a batch
+    # running and one waiting each; a cancelled run's waiting task may still start), not
+    # the six the run had.
+    assert len(ran) <= 4
