@@ -8,17 +8,22 @@ journaled run again can skip the inputs whose stored record is ok.
 
 Threads, and what each owns::
 
-    opening thread    Journal           the Journal's connection: begin, runs, load,
-                                        forget and JournalRun.stored run on the thread
-                                        that opened the Journal (sqlite3 checks it)
+    opening thread    Journal           the Journal's connection: begin, runs, load
+                                        and forget run on the thread that opened the
+                                        Journal (sqlite3 checks it)
+    any thread        JournalRun.stored a connection of its own, opened and closed in
+                                        the call
     dispatcher        JournalRun.write  puts a tuple of the record's fields on the run's
                                         queue: never blocks, never pickles
+    any thread        JournalRun.close  puts the stop mark; waits for the writer unless
+                                        timeout=0 (then it never blocks)
     writer (per run)  _Writer           its own connection and the batch in hand; takes
                                         from the queue, pickles items and values, writes
                                         each batch in one short transaction
 
-The queue is a ``SimpleQueue``: any thread puts, only the writer takes. ``_Writer``'s
-``failed`` and ``warned`` are written by the writer thread alone.
+A JournalRun uses nothing of its Journal's: it goes on after ``Journal.close()``. The
+queue is a ``SimpleQueue``: any thread puts, only the writer takes. ``_Writer.failed``
+is written by the writer thread alone; ``JournalRun._closed`` by ``close`` alone.
 
 Several processes (kernels) may use one file at once: in WAL mode readers never wait
 for the writer, and every write transaction begins IMMEDIATE, so it waits (up to
@@ -78,7 +83,7 @@ _SCHEMA = (
     """CREATE TABLE records (
         run INTEGER NOT NULL REFERENCES runs (id),
         key TEXT NOT NULL,
-        idx INTEGER NOT NULL,
+        idx INTEGER NOT NULL,  -- the input's index ("index" is an SQL keyword)
         item BLOB,
         status TEXT NOT NULL,
         value BLOB,
@@ -310,6 +315,11 @@ def _transaction(connection: sqlite3.Connection, kind: str = "IMMEDIATE") -> Ite
         raise
 
 
+def _absolute(path: str | os.PathLike[str]) -> Path:
+    """Absolute, so that the writer thread opens the same file after a ``chdir``."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
 def _identity(path: Path) -> tuple[int, int]:
     status = os.stat(path)
     return status.st_dev, status.st_ino
@@ -461,7 +471,7 @@ class _Writer:
             records.append(record)
         return records, False
 
-    def _save(self, connection: Any, records: list[tuple[Any, ...]]) -> None:
+    def _save(self, connection: sqlite3.Connection, records: list[tuple[Any, ...]]) -> None:
         try:
             rows = [_row(self._run, record) for record in records]  # before taking the lock
             self._check_file()
@@ -520,13 +530,13 @@ atexit.register(_at_exit)
 class JournalRun:
     """One version of a named run: what is stored for it, and a writer for its records.
 
-    ``stored`` runs on the thread that opened the Journal; ``write`` on any thread.
+    Any thread may call its methods, and it outlives the Journal that began it.
     """
 
     def __init__(self, journal: Journal, name: str, version: int, run: int) -> None:
         self.name = name
         self.version = version
-        self._journal = journal
+        self.path = journal.path
         self._run = run
         self._closed = False
         self._writer = _Writer(journal.path, journal._identity, f"run {name!r} v{version}", run)
@@ -537,14 +547,18 @@ class JournalRun:
         self._writer.thread.start()
 
     def __repr__(self) -> str:
-        return (
-            f"JournalRun({self.name!r}, version={self.version}, path={str(self._journal.path)!r})"
-        )
+        return f"JournalRun({self.name!r}, version={self.version}, path={str(self.path)!r})"
 
     def stored(self) -> dict[str, StoredRecord]:
         """Input key -> record, as the file holds them now (records still queued are not
-        there yet)."""
-        return self._journal._stored(self._run)
+        there yet). Reads through a connection of its own, closed before it returns."""
+        try:
+            connection = _connect(self.path, create=False)
+        except sqlite3.Error as exc:
+            raise JournalError(f"{self.path}: cannot be read ({_one_line(exc)})") from None
+        with contextlib.closing(connection):
+            rows = connection.execute(_SELECT, (self._run,)).fetchall()
+        return {row[0]: _stored(row) for row in rows}
 
     def write(
         self,
@@ -578,6 +592,7 @@ class JournalRun:
         """Write what is queued, stop the writer thread and close its connection.
 
         Waits at most ``timeout`` seconds; the thread finishes the writing after that.
+        ``close(timeout=0)`` never blocks (the dispatcher may call it when a run ends).
         """
         self._closed = True
         self._finalizer()  # the stop mark, put once
@@ -601,7 +616,7 @@ _RUN_COLUMNS = ("name", "version", "function", "started", "updated", "total", *S
 class Journal:
     """An SQLite file of runs' records, to resume runs (see the module docstring).
 
-    Its methods run on the thread that opened it; a ``JournalRun``'s ``write`` on any.
+    Its methods run on the thread that opened it; the ``JournalRun``s it begins, on any.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
@@ -611,7 +626,7 @@ class Journal:
         not a cellpool journal, or a journal of another ``SCHEMA_VERSION`` raises
         ``JournalError``, and the file is left as it was.
         """
-        self.path = default_path() if path is None else Path(os.path.abspath(path))
+        self.path = default_path() if path is None else _absolute(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -620,7 +635,6 @@ class Journal:
             ) from None
         self._connection = _open(self.path)
         self._identity = _identity(self.path)
-        self._runs: weakref.WeakSet[JournalRun] = weakref.WeakSet()
 
     def __repr__(self) -> str:
         return f"Journal({str(self.path)!r})"
@@ -659,9 +673,7 @@ class Journal:
                 UserWarning,
                 stacklevel=2,
             )
-        journal_run = JournalRun(self, name, version, run)
-        self._runs.add(journal_run)
-        return journal_run
+        return JournalRun(self, name, version, run)
 
     def runs(self, name: str | None = None) -> list[dict[str, Any]]:
         """One row per run version (all runs, or those named ``name``), ready for
@@ -698,9 +710,7 @@ class Journal:
         return deleted
 
     def close(self) -> None:
-        """Close the runs begun here (their queued records are written), then the file."""
-        for run in list(self._runs):
-            run.close()
+        """Close the Journal's connection; the runs it began go on until they are closed."""
         self._connection.close()
 
     def __enter__(self) -> Journal:
@@ -727,7 +737,3 @@ class Journal:
             which = f"run {name!r}" + ("" if version is None else f" version {version}")
             raise KeyError(f"no {which} in the journal {self.path}")
         return row[0]
-
-    def _stored(self, run: int) -> dict[str, StoredRecord]:
-        rows = self._connection.execute(_SELECT, (run,)).fetchall()
-        return {row[0]: _stored(row) for row in rows}
