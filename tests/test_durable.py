@@ -80,7 +80,8 @@ def test_cancelled_inputs_are_not_journaled_and_run_on_resume(journal_file):
     restored = [record.index for record in resumed if record.restored]
     assert len(restored) == done
     assert resumed.values == list(range(200))
-    assert Journal(journal_file).runs()[0]["ok"] == 200
+    with Journal(journal_file) as journal:
+        assert journal.runs()[0]["ok"] == 200
 
 
 def test_keys_come_from_key_and_a_key_that_fails_costs_one_record(journal_file):
@@ -101,14 +102,16 @@ def test_keys_come_from_key_and_a_key_that_fails_costs_one_record(journal_file):
 def test_a_changed_function_starts_a_new_version_with_a_warning(journal_file):
     cellpool.run(square_unless_seven, range(3), journal=journal_file, progress="none")
 
-    def square_unless_seven(x):  # same name, other code
+    def negate(x):  # other code under the same name
         return -x
 
+    negate.__name__ = "square_unless_seven"
     with pytest.warns(UserWarning, match="changed"):
-        changed = cellpool.run(square_unless_seven, range(3), journal=journal_file, progress="none")
+        changed = cellpool.run(negate, range(3), journal=journal_file, progress="none")
     assert changed.values == [0, -1, -2]
     assert not any(record.restored for record in changed)
-    versions = [row["version"] for row in Journal(journal_file).runs("square_unless_seven")]
+    with Journal(journal_file) as journal:
+        versions = [row["version"] for row in journal.runs("square_unless_seven")]
     assert sorted(versions) == [1, 2]
 
 
@@ -119,7 +122,8 @@ def give_a_lock(x):
 def test_a_value_that_cannot_be_saved_is_journaled_as_an_error_and_runs_again(journal_file):
     first = cellpool.run(give_a_lock, range(3), journal=journal_file, progress="none")
     assert first.counts() == {"ok": 3}  # in memory, the run had its value
-    stored = Journal(journal_file).load("give_a_lock")
+    with Journal(journal_file) as journal:
+        stored = journal.load("give_a_lock")
     assert stored[1].status == "error" and stored[1].error_type == "PicklingError"
     second = cellpool.run(give_a_lock, range(3), journal=journal_file, progress="none")
     assert [record.restored for record in second] == [True, False, True]
@@ -136,17 +140,16 @@ def test_a_file_that_is_not_a_journal_is_a_one_line_error_and_nothing_runs(tmp_p
     assert path.read_text() == "these are my notes\n"
 
 
-def test_a_name_is_a_run_in_the_default_store_beside_the_working_directory(
-    tmp_path, monkeypatch
-):
+def test_a_name_is_a_run_in_the_default_store_beside_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cellpool.run(abs, [-1, -2], journal="crawl", progress="none")
     assert (tmp_path / ".cellpool" / "journal.db").exists()
-    rows = cellpool.journal().runs()
-    assert [(row["name"], row["ok"]) for row in rows] == [("crawl", 2)]
-    assert cellpool.journal().load("crawl").values == [1, 2]
-    assert cellpool.journal().forget("crawl") == 2
-    assert cellpool.journal().runs() == []
+    with cellpool.journal() as journal:
+        rows = journal.runs()
+        assert [(row["name"], row["ok"]) for row in rows] == [("crawl", 2)]
+        assert journal.load("crawl").values == [1, 2]
+        assert journal.forget("crawl") == 2
+        assert journal.runs() == []
 
 
 def test_the_text_line_counts_restored_records_apart(journal_file, capsys):
@@ -183,7 +186,8 @@ def test_a_run_whose_process_died_resumes_from_what_was_journaled(journal_file, 
     script.write_text(textwrap.dedent(KILLED_MIDWAY))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     subprocess.run([sys.executable, str(script), str(journal_file)], env=env, timeout=120)
-    (row,) = Journal(journal_file).runs()
+    with Journal(journal_file) as journal:
+        (row,) = journal.runs()
     assert 100 <= row["ok"] < 400
 
     def slow(x):

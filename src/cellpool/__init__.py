@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .errors import RemoteError, TaskCancelled, TaskTimeout, WorkerCrashed
     from .executor import Executor, Job, run
-    from .journal import Journal
     from .results import Results, TaskResult
+    from .store import Journal
 
 # Public names load on first use, so that a worker process, which imports only
 # cellpool.worker, does not pay for the executor's imports.
@@ -21,7 +21,7 @@ _EXPORTS = {
     "Executor": "executor",
     "Job": "executor",
     "run": "executor",
-    "Journal": "journal",
+    "Journal": "store",
     "Results": "results",
     "TaskResult": "results",
     "RemoteError": "errors",
@@ -49,7 +49,7 @@ def journal(path: str | os.PathLike[str] | None = None) -> Journal:
     """The journal at ``path``, or the default one (``.cellpool/journal.db`` under the
     working directory): list its runs (``.runs()``), load one's ``Results`` without
     running anything (``.load(name)``) or forget one (``.forget(name)``)."""
-    from .journal import Journal
+    from .store import Journal
 
     return Journal(path)
 

@@ -15,8 +15,8 @@ from typing import Any
 from . import hooks
 from . import options as check
 from .admission import Admission, Limits
-from .journaled import RERUN, JournaledInput, JournalSink, open_run
 from .dispatch import AddRun, CancelRun, Dispatcher, Shutdown, Wake, interpreter_exiting
+from .journaled import RERUN, JournaledInput, JournalSink, open_run
 from .monitor import Monitor
 from .pool.base import Pool
 from .pool.dask import DaskPool
@@ -389,13 +389,8 @@ class Executor(futures.Executor):
         """The sink and the input of a journaled run: what the journal holds as done
         is recorded from it, the rest runs (see ``journaled.py``)."""
         items, star, total = inputs
-        store, journal_run = open_run(opts["journal"], fn, opts["journal_keep_code"])
-        sink = JournalSink(self._dispatcher.deliveries, store, journal_run)
-        try:
-            stored = journal_run.stored()
-        except BaseException:
-            sink.close_journal()
-            raise
+        journal_run, stored = open_run(opts["journal"], fn, opts["journal_keep_code"])
+        sink = JournalSink(self._dispatcher.deliveries, journal_run)
         sink.input = JournaledInput(items, opts["key"], stored, opts["rerun"], sink)
         return sink, (iter(sink.input), star, total)
 

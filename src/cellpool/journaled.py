@@ -20,8 +20,8 @@ fresh one carries its index through the dispatcher's batch.
 from __future__ import annotations
 
 import hashlib
-import math
 import marshal
+import math
 import os
 import types
 from collections.abc import Callable, Iterable, Iterator
@@ -33,8 +33,8 @@ from .tasks import Task
 
 if TYPE_CHECKING:
     from .delivery import Deliveries
-    from .journal import Journal, JournalRun, StoredRecord
     from .runs import Run
+    from .store import JournalRun, StoredRecord
 
 RERUN = ("errors", "none", "all")  # what runs again: failures (default), nothing, all
 _FAILED = ("error", "timeout", "crashed")
@@ -43,11 +43,12 @@ _NOWHERE = (None, None, None, None)  # worker, pid, started, finished: it never 
 
 def open_run(
     journal: Any, fn: Callable[..., Any], keep_code: bool
-) -> tuple[Journal, JournalRun]:
-    """The journal ``journal`` names and the run of ``fn`` in it: a name (``"crawl"``)
-    is a run in the default store; a path (``"runs/crawl.db"``) or a ``Journal`` holds
-    runs named after their function."""
-    from .journal import Journal
+) -> tuple[JournalRun, dict[str, StoredRecord]]:
+    """The run of ``fn`` in the journal ``journal`` names, and what it holds: a name
+    (``"crawl"``) is a run in the default store; a path (``"runs/crawl.db"``) or a
+    ``Journal`` holds runs named after their function. Read on the caller's thread; a
+    store opened here is closed again (the run writes through its own connection)."""
+    from .store import Journal
 
     name = getattr(fn, "__name__", type(fn).__name__)
     if isinstance(journal, Journal):
@@ -56,8 +57,17 @@ def open_run(
         store = Journal(journal)
     else:
         store, name = Journal(), journal
-    function = getattr(fn, "__qualname__", name)
-    return store, store.begin(name, function, identity(fn), keep_code)
+    try:
+        function = getattr(fn, "__qualname__", name)
+        run = store.begin(name, function, identity(fn), keep_code)
+        try:
+            return run, run.stored()
+        except BaseException:
+            run.close()
+            raise
+    finally:
+        if store is not journal:
+            store.close()
 
 
 def _is_path(journal: str | os.PathLike[str]) -> bool:
@@ -78,9 +88,7 @@ def identity(fn: Callable[..., Any]) -> str:
 def _bare(code: types.CodeType) -> types.CodeType:
     """``code`` without its file name and line numbers, nested code included."""
     consts = tuple(_bare(c) if isinstance(c, types.CodeType) else c for c in code.co_consts)
-    return code.replace(
-        co_filename="", co_firstlineno=1, co_linetable=b"", co_consts=consts
-    )
+    return code.replace(co_filename="", co_firstlineno=1, co_linetable=b"", co_consts=consts)
 
 
 class JournaledInput:
@@ -96,7 +104,7 @@ class JournaledInput:
         rerun: str,
         sink: RecordSink,
     ) -> None:
-        from .journal import stable_key
+        from .store import stable_key
 
         self._items = items
         self._key = key or stable_key
@@ -147,9 +155,8 @@ class JournalSink(RecordSink):
     """A ``RecordSink`` that also queues each finished record for the journal; the
     journal is flushed before the run's future completes."""
 
-    def __init__(self, deliveries: Deliveries, journal: Journal, run: JournalRun) -> None:
+    def __init__(self, deliveries: Deliveries, run: JournalRun) -> None:
         super().__init__(deliveries)
-        self._journal = journal
         self.journal_run = run
         self.input: JournaledInput | None = None  # set before the run starts
 
@@ -177,8 +184,18 @@ class JournalSink(RecordSink):
     def put(self, done: Finished) -> None:
         super().put(done)
         task = done.task
-        self._write(task.index, task.item, done.status, done.value, done.failure,
-                    done.worker, done.pid, task.attempts, done.started, done.finished)
+        self._write(
+            task.index,
+            task.item,
+            done.status,
+            done.value,
+            done.failure,
+            done.worker,
+            done.pid,
+            task.attempts,
+            done.started,
+            done.finished,
+        )
 
     def put_many(self, done: FinishedBatch) -> None:
         super().put_many(done)
@@ -191,30 +208,57 @@ class JournalSink(RecordSink):
         attempts = done.attempts
         for k, index in enumerate(done.indices):
             tries = attempts if isinstance(attempts, int) else attempts[k]
-            self._write(index, done.items[k], done.status, values[k], done.failure,
-                        done.worker, done.pid, tries, started[k], finished[k])
+            self._write(
+                index,
+                done.items[k],
+                done.status,
+                values[k],
+                done.failure,
+                done.worker,
+                done.pid,
+                tries,
+                started[k],
+                finished[k],
+            )
 
-    def _write(self, index: int, item: Any, status: str, value: Any, failure: Failure | None,
-               worker: str | None, pid: int | None, attempts: int,
-               started: float | None, finished: float | None) -> None:
+    def _write(
+        self,
+        index: int,
+        item: Any,
+        status: str,
+        value: Any,
+        failure: Failure | None,
+        worker: str | None,
+        pid: int | None,
+        attempts: int,
+        started: float | None,
+        finished: float | None,
+    ) -> None:
         """Queue a record for the journal, unless it is cancelled (it runs next time)."""
         key = self.input.keys[index] if self.input is not None else None
         if key is None or status == "cancelled":
             return
         clock = self.results._clock
         self.journal_run.write(
-            key, index, item, status, value,
+            key,
+            index,
+            item,
+            status,
+            value,
             None if failure is None else failure.error_type,
             None if failure is None else failure.error,
             None if failure is None else failure.traceback,
-            worker, pid, attempts, _on_clock(started, clock), _on_clock(finished, clock),
+            worker,
+            pid,
+            attempts,
+            _on_clock(started, clock),
+            _on_clock(finished, clock),
         )
 
     def close_journal(self) -> None:
-        """Write what is queued and close the journal (the run will not start, or has
-        ended)."""
+        """Write what is queued and stop the journal's writer (the run will not
+        start, or has ended)."""
         self.journal_run.close()
-        self._journal.close()
 
     def finish(self, run: Run) -> None:
         # One delivery does both, in order: the journal is flushed (on a delivery

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from cellpool import journal as journal_module
-from cellpool.journal import (
+from cellpool import store as journal_module
+from cellpool.results import Results, TaskResult
+from cellpool.store import (
     SCHEMA_VERSION,
     Journal,
     JournalError,
@@ -26,7 +27,6 @@ from cellpool.journal import (
     default_path,
     stable_key,
 )
-from cellpool.results import Results, TaskResult
 
 from .conftest import settle
 
@@ -107,7 +107,7 @@ ITEMS = """[
 def keys_in_subprocess(hash_seed: str) -> list[str]:
     script = (
         "import decimal, json, pathlib, cellpool.results\n"
-        "from cellpool.journal import stable_key\n"
+        "from cellpool.store import stable_key\n"
         f"print(json.dumps([stable_key(item) for item in {ITEMS}]))\n"
     )
     out = subprocess.run(
@@ -490,7 +490,7 @@ def test_a_run_goes_on_after_its_journal_is_closed_and_serves_any_thread(path):
 
 EXITING = """
 import sys
-from cellpool.journal import Journal
+from cellpool.store import Journal
 
 journal = Journal(sys.argv[1])
 run = journal.begin("r", "f", "code")
@@ -630,7 +630,7 @@ def test_forget_deletes_a_version_or_every_version(journal):
 WRITER = """
 import sys, time
 from pathlib import Path
-from cellpool.journal import Journal
+from cellpool.store import Journal
 
 path, name, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 (path.parent / f"ready-{name}").touch()
