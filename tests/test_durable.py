@@ -198,3 +198,18 @@ def test_a_run_whose_process_died_resumes_from_what_was_journaled(journal_file, 
     )
     assert resumed.values == [x * 10 for x in range(400)]
     assert sum(record.restored for record in resumed) == row["ok"]
+
+
+def test_a_dask_run_is_journaled_by_its_caller_and_resumed_on_threads(journal_file):
+    first = cellpool.run(
+        square_unless_seven,
+        range(12),
+        kind="dask",
+        workers=2,
+        journal=journal_file,
+        progress="none",
+    )
+    assert first.counts() == {"ok": 11, "error": 1}
+    resumed = cellpool.run(square_unless_seven, range(12), journal=journal_file, progress="none")
+    assert [record.index for record in resumed if not record.restored] == [7]
+    assert {record.worker for record in resumed if record.restored} <= {"d0", "d1"}
