@@ -260,3 +260,21 @@ def test_cells_in_a_real_kernel(kernel_clients):
     assert view == "cellpool live view: first pass [thread x2]"
     assert summary.startswith("first pass [thread x2]")
     assert result(8) == "[0, 3, 6]"
+
+
+def test_a_journaled_cell_run_again_restores_what_was_done(shell, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default journal is under the working directory
+    run(shell, "ran = []")
+    body = "%%parallel x in range(6) --journal squares -o first --no-progress\nran.append(x)\nx * x"
+    first = run(shell, body)
+    assert first.values == [0, 1, 4, 9, 16, 25]
+    assert sorted(shell.user_ns["ran"]) == list(range(6))
+    again = run(shell, body.replace("first", "second").replace("range(6)", "range(8)"))
+    assert again.values == [x * x for x in range(8)]
+    assert sorted(shell.user_ns["ran"]) == [*range(6), 6, 7]  # only the two new inputs ran
+    assert sum(record.restored for record in again) == 6
+    runs = run(shell, "%parallel_journal")
+    assert list(runs["name"]) == ["squares"] and list(runs["ok"]) == [8]
+    assert len(run(shell, "%parallel_journal --forget squares")) == 0
+    refused = shell.run_cell("%parallel_config --journal squares").error_in_exec
+    assert type(refused).__name__ == "UsageError"  # a journal names one run, not a session

@@ -6,12 +6,14 @@ Live progress and per-worker resources while it runs, one record per input after
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .errors import RemoteError, TaskCancelled, TaskTimeout, WorkerCrashed
     from .executor import Executor, Job, run
     from .results import Results, TaskResult
+    from .store import Journal
 
 # Public names load on first use, so that a worker process, which imports only
 # cellpool.worker, does not pay for the executor's imports.
@@ -19,6 +21,7 @@ _EXPORTS = {
     "Executor": "executor",
     "Job": "executor",
     "run": "executor",
+    "Journal": "store",
     "Results": "results",
     "TaskResult": "results",
     "RemoteError": "errors",
@@ -29,15 +32,26 @@ _EXPORTS = {
 __all__ = [
     "Executor",
     "Job",
+    "Journal",
     "RemoteError",
     "Results",
     "TaskCancelled",
     "TaskResult",
     "TaskTimeout",
     "WorkerCrashed",
+    "journal",
     "run",
 ]
 __version__ = "0.1.0"
+
+
+def journal(path: str | os.PathLike[str] | None = None) -> Journal:
+    """The journal at ``path``, or the default one (``.cellpool/journal.db`` under the
+    working directory): list its runs (``.runs()``), load one's ``Results`` without
+    running anything (``.load(name)``) or forget one (``.forget(name)``)."""
+    from .store import Journal
+
+    return Journal(path)
 
 
 def __getattr__(name: str) -> Any:

@@ -16,6 +16,7 @@ from . import hooks
 from . import options as check
 from .admission import Admission, Limits
 from .dispatch import AddRun, CancelRun, Dispatcher, Shutdown, Wake, interpreter_exiting
+from .journaled import RERUN, JournaledInput, JournalSink, open_run
 from .monitor import Monitor
 from .pool.base import Pool
 from .pool.dask import DaskPool
@@ -35,7 +36,19 @@ INTERRUPT_GRACE = 2.0  # how long Ctrl-C waits for the stop before re-raising
 # travel in batches big enough to cost about what a plain loop does.
 PENDING_PER_WORKER = 4096
 DEFAULT_CONCURRENCY = 32  # async def tasks in flight per worker thread
-RUN_OPTIONS = ("timeout", "retries", "retry_on", "max_pending", "progress", "total", "label")
+RUN_OPTIONS = (
+    "timeout",
+    "retries",
+    "retry_on",
+    "max_pending",
+    "progress",
+    "total",
+    "label",
+    "journal",
+    "key",
+    "rerun",
+    "journal_keep_code",
+)
 
 
 class Job:
@@ -214,6 +227,7 @@ class Executor(futures.Executor):
         security: Any = None,
         memory_pause: float = 0.80,
         fd_pause: float = 0.90,
+        journal: Any = None,
     ) -> None:
         self.kind = check.check_kind(kind)
         self.workers = check.positive_int(
@@ -228,6 +242,7 @@ class Executor(futures.Executor):
                 PENDING_PER_WORKER * self.workers if max_pending is None else max_pending,
             ),
             "progress": normalize_progress(progress),
+            "journal": check.journal(journal),
         }
         self._admission = Admission(
             Limits(
@@ -320,10 +335,25 @@ class Executor(futures.Executor):
         unknown = sorted(set(opts) - set(RUN_OPTIONS))
         if unknown:
             raise TypeError(f"{caller}() got an unexpected option {unknown[0]!r}")
-        merged = {**self._defaults, "total": None, "label": None}
+        merged = {
+            **self._defaults,
+            "total": None,
+            "label": None,
+            "key": None,
+            "rerun": "errors",
+            "journal_keep_code": False,
+        }
         for name, value in opts.items():
             if name == "label":
                 merged[name] = check.label(value)
+            elif name == "journal":
+                merged[name] = check.journal(value)
+            elif name == "key":
+                merged[name] = check.optional_callable(name, value)
+            elif name == "rerun":
+                merged[name] = check.one_of(name, value, RERUN)
+            elif name == "journal_keep_code":
+                merged[name] = bool(value)
             elif name == "timeout":
                 merged[name] = check.optional_seconds(name, value)
             elif name == "retries":
@@ -338,19 +368,39 @@ class Executor(futures.Executor):
 
     @staticmethod
     def _inputs(
-        caller: str, fn: Callable[..., Any], iterables: Iterable[Any], shortest: bool = False
+        caller: str,
+        fn: Callable[..., Any],
+        iterables: Iterable[Any],
+        shortest: bool = False,
+        sliced: bool = True,
     ) -> tuple[Iterator[Any] | SequenceInput, bool, int | None]:
         """The items (argument tuples when several iterables), whether they are
         tuples to spread, and how many there are if known. Iterables of different
-        lengths are an error, or with ``shortest`` (``map``) end at the shortest."""
+        lengths are an error, or with ``shortest`` (``map``) end at the shortest.
+        Lists, tuples and ranges are sliced by the dispatcher unless ``sliced`` is
+        false (a journaled run reads every input on its feeder thread)."""
         check.callable_fn(caller, fn)
         its, total = check.iterators(caller, iterables, shortest)
         star = len(its) > 1
-        if all(type(iterable) in PLAIN_SEQUENCES for iterable in iterables):
+        if sliced and all(type(iterable) in PLAIN_SEQUENCES for iterable in iterables):
             return SequenceInput(list(iterables), allowance=0), star, total
         if not star:
             return its[0], False, total
         return zip(*its, strict=not shortest), True, total
+
+    def _journaled(
+        self,
+        fn: Callable[..., Any],
+        inputs: tuple[Iterator[Any] | SequenceInput, bool, int | None],
+        opts: dict[str, Any],
+    ) -> tuple[JournalSink, tuple[Iterator[Any], bool, int | None]]:
+        """The sink and the input of a journaled run: what the journal holds as done
+        is recorded from it, the rest runs (see ``journaled.py``)."""
+        items, star, total = inputs
+        journal_run, stored = open_run(opts["journal"], fn, opts["journal_keep_code"])
+        sink = JournalSink(self._dispatcher.deliveries, journal_run)
+        sink.input = JournaledInput(items, opts["key"], stored, opts["rerun"], sink)
+        return sink, (iter(sink.input), star, total)
 
     def _new_run(
         self,
@@ -359,6 +409,7 @@ class Executor(futures.Executor):
         sink: Any,
         opts: dict[str, Any],
         future: futures.Future[Any] | None = None,
+        indexed: bool = False,
     ) -> Run:
         items, star, total = inputs
         dispatcher = self._dispatcher
@@ -385,6 +436,7 @@ class Executor(futures.Executor):
                 concurrency=self.concurrency,
                 future=future,
                 on_input=lambda: dispatcher.post(Wake()),
+                indexed=indexed,
             )
             dispatcher.post(AddRun(run))
         return run
@@ -469,9 +521,20 @@ class Executor(futures.Executor):
         background: bool,
     ) -> Job:
         merged = self._options(caller, opts)
-        inputs = self._inputs(caller, fn, iterables)
-        sink = RecordSink(self._dispatcher.deliveries)
-        run = self._new_run(fn, inputs, sink, merged)
+        journaled = merged["journal"] is not None
+        inputs = self._inputs(caller, fn, iterables, sliced=not journaled)
+        if journaled:
+            sink, inputs = self._journaled(fn, inputs, merged)
+        else:
+            sink = RecordSink(self._dispatcher.deliveries)
+        try:
+            run = self._new_run(fn, inputs, sink, merged, indexed=journaled)
+        except BaseException:
+            if journaled:
+                sink.close_journal()
+            raise
+        if journaled:
+            run.settled = sink.input
         name = merged["label"] or getattr(fn, "__name__", type(fn).__name__)
         label = f"{name} [{self.kind} x{self.workers}]"
         return Job(run, sink, self, merged["progress"], label, background)
@@ -512,7 +575,8 @@ def run(
     On Ctrl-C the executor is left to stop in the background: threads still running a
     task cannot be killed, and waiting for them would delay the interrupt.
     """
-    run_opts = {name: opts.pop(name) for name in ("total", "label") if name in opts}
+    per_run = ("total", "label", "key", "rerun", "journal_keep_code")
+    run_opts = {name: opts.pop(name) for name in per_run if name in opts}
     executor = Executor(kind, workers, **opts)
     try:
         results = executor.run(fn, *iterables, **run_opts)

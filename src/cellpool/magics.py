@@ -21,6 +21,7 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 
 from .executor import Executor
 from .results import Results
+from .store import Journal
 
 _cell_numbers = itertools.count(1)
 
@@ -45,6 +46,8 @@ def _option_parser(prog: str, per_run: bool) -> _Parser:
         parser.add_argument("-o", "--out")
         parser.add_argument("--background", action="store_true")
         parser.add_argument("--label")
+        parser.add_argument("--journal")
+        parser.add_argument("--rerun", choices=["errors", "none", "all"])
     return parser
 
 
@@ -117,7 +120,7 @@ def cell_function(target: str, body: str, namespace: dict[str, Any]) -> Callable
 
 @magics_class
 class ParallelMagics(Magics):
-    """``%%parallel``, ``%parallel`` and ``%parallel_config``."""
+    """``%%parallel``, ``%parallel``, ``%parallel_config`` and ``%parallel_journal``."""
 
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
@@ -157,7 +160,7 @@ class ParallelMagics(Magics):
         executor = self._executor(options)
         run_options = {
             name: options[name]
-            for name in ("timeout", "retries", "progress", "label")
+            for name in ("timeout", "retries", "progress", "label", "journal", "rerun")
             if name in options
         }
         background = bool(options.get("background"))
@@ -194,10 +197,13 @@ class ParallelMagics(Magics):
         ``--retries N``, ``--no-progress``, ``-o/--out NAME`` (store the Results),
         ``--background`` (start a Job and return at once; stored in NAME),
         ``--label TEXT`` (name the run in its view and summary; quote it if it has
-        spaces: ``--label "first pass"``).
+        spaces: ``--label "first pass"``), ``--journal NAME`` (journal every record;
+        the same cell run again restores what was done and runs the rest),
+        ``--rerun errors|none|all`` (what a journaled run runs again).
 
         ``%parallel_config`` takes the pool and run options, not ``-o``,
-        ``--background`` or ``--label``: those belong to one run.
+        ``--background``, ``--label``, ``--journal`` or ``--rerun``: those belong to one
+        run.
         """
         if cell is None:
             return self._line(line)
@@ -246,6 +252,32 @@ class ParallelMagics(Magics):
             kind = type(items).__name__
             raise UsageError(f"{prog}: the iterable {text} is {_a(kind)}, not iterable") from None
         return items
+
+    @line_magic
+    def parallel_journal(self, line: str) -> Any:
+        """``%parallel_journal [PATH] [--forget NAME]``: the runs of a journal (the
+        default one, or the file at PATH), as a DataFrame where pandas is installed; with
+        ``--forget NAME``, forget that run first."""
+        parser = _Parser(prog="%parallel_journal", add_help=False)
+        parser.add_argument("path", nargs="?")
+        parser.add_argument("--forget")
+        try:
+            words = shlex.split(line)
+        except ValueError as error:
+            raise UsageError(f"%parallel_journal: cannot read the options: {error}") from None
+        options = parser.parse_args(words)
+        try:
+            with Journal(options.path) as journal:
+                if options.forget:
+                    journal.forget(options.forget)
+                runs = journal.runs()
+        except (ValueError, KeyError) as error:
+            raise UsageError(f"%parallel_journal: {error}") from None
+        try:
+            import pandas
+        except ImportError:
+            return runs
+        return pandas.DataFrame(runs)
 
     @line_magic
     def parallel_config(self, line: str) -> dict[str, Any] | None:

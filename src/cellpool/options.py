@@ -173,6 +173,33 @@ def exception_types(value: Any) -> tuple[type[BaseException], ...]:
     return types
 
 
+def journal(value: Any) -> Any:
+    """A journal: ``None``, a run name or a path (a string or path), or a ``Journal``."""
+    if value is None or isinstance(value, os.PathLike):
+        return value
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("journal must name a run or a file; got an empty string")
+        return value
+    if type(value).__name__ == "Journal" and hasattr(value, "begin"):
+        return value
+    raise TypeError(
+        f"journal must be a run name, a path or a cellpool.Journal; got {type(value).__name__}"
+    )
+
+
+def optional_callable(name: str, value: Any) -> Any:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable; got {type(value).__name__}")
+    return value
+
+
+def one_of(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}; got {value!r}")
+    return value
+
+
 def label(value: Any) -> str | None:
     """A run's label: a string of one line, or ``None`` for the function's name."""
     if value is None:

@@ -42,7 +42,8 @@ class TaskResult:
 
     ``status`` is one of ``"ok"``, ``"error"``, ``"timeout"``, ``"crashed"`` (the worker
     died) or ``"cancelled"``. ``value`` is set only when ok; ``error_type``, ``error`` and
-    ``traceback`` only when not. Times are epoch seconds.
+    ``traceback`` only when not. Times are epoch seconds. ``restored`` marks a record
+    taken from a journal (an earlier run's), not made by this run.
     """
 
     index: int
@@ -58,6 +59,7 @@ class TaskResult:
     started: float | None = None
     finished: float | None = None
     duration: float | None = None
+    restored: bool = False
 
 
 FIELDS = tuple(field.name for field in dataclasses.fields(TaskResult))
@@ -170,6 +172,7 @@ class Results(Sequence[TaskResult]):
         "_finished",
         "_index",
         "_item",
+        "_restored",
         "_started",
         "_status",
         "_value",
@@ -185,6 +188,7 @@ class Results(Sequence[TaskResult]):
         self._value: list[Any] = []
         self._failure: dict[int, Failure] = {}
         self._duration: dict[int, float | None] = {}  # given durations unlike finished - started
+        self._restored: set[int] = set()  # positions of records taken from a journal
         self._worker = array("I")
         self._workers: list[tuple[str | None, int | None]] = [(None, None)]
         self._worker_codes: dict[tuple[str | None, int | None], int] = {(None, None): 0}
@@ -215,6 +219,8 @@ class Results(Sequence[TaskResult]):
             )
             if record.duration != self._record(position).duration:
                 self._duration[position] = record.duration
+            if record.restored:
+                self._restored.add(position)
 
     # -- filling (the executor's side) ---------------------------------------------
 
@@ -332,6 +338,7 @@ class Results(Sequence[TaskResult]):
         out._value = self._value[:]
         out._failure = dict(self._failure)
         out._duration = dict(self._duration)
+        out._restored = set(self._restored)
         out._worker = self._worker[:]
         out._workers = self._workers[:]
         out._worker_codes = dict(self._worker_codes)
@@ -362,6 +369,8 @@ class Results(Sequence[TaskResult]):
                 out._failure[len(out._status) - 1] = failure
             if position in self._duration:
                 out._duration[len(out._status) - 1] = self._duration[position]
+            if position in self._restored:
+                out._restored.add(len(out._status) - 1)
             out._worker.append(self._worker[position])
             out._attempts.append(self._attempts[position])
             out._started.append(self._started[position])
@@ -393,6 +402,7 @@ class Results(Sequence[TaskResult]):
             started=None if math.isnan(started) else started + self._clock,
             finished=None if math.isnan(finished) else finished + self._clock,
             duration=self._duration.get(position, duration),
+            restored=position in self._restored,
         )
 
     def __len__(self) -> int:
@@ -444,9 +454,14 @@ class Results(Sequence[TaskResult]):
         return {status: n for status, n in counts.items() if n}
 
     def wall_time(self) -> float | None:
-        """Seconds from the first task's start to the last one's finish."""
-        started = [t for t in self._started if not math.isnan(t)]
-        finished = [t for t in self._finished if not math.isnan(t)]
+        """Seconds from the first task's start to the last one's finish (of this run's
+        tasks: restored records are an earlier run's)."""
+        started, finished = self._started, self._finished
+        if self._restored:
+            ran = [p for p in range(len(self)) if p not in self._restored]
+            started, finished = map(started.__getitem__, ran), map(finished.__getitem__, ran)
+        started = [t for t in started if not math.isnan(t)]
+        finished = [t for t in finished if not math.isnan(t)]
         if not started or not finished:
             return None
         return max(finished) - min(started)
@@ -485,6 +500,7 @@ class Results(Sequence[TaskResult]):
                 self._duration.get(p, None if s is None or f is None else f - s)
                 for p, (s, f) in enumerate(zip(started, finished, strict=True))
             ],
+            "restored": [p in self._restored for p in range(len(self))],
         }
         return pandas.DataFrame(columns, columns=list(FIELDS))
 
@@ -510,6 +526,8 @@ class Results(Sequence[TaskResult]):
             for status, n in self.counts().items()
         )
         line = f"{len(self)} tasks" + (f": {counts}" if counts else "")
+        if self._restored:
+            line += f" ({len(self._restored)} restored from a journal)"
         wall = self.wall_time()
         return line + (f" in {wall:.2f} s" if wall is not None else "")
 

@@ -114,7 +114,9 @@ class Run:
 
     ``star`` means each item is a tuple of arguments (several iterables, or ``submit``).
     ``sized`` means ``total`` is the input's own length: a cancelled run then reads the
-    rest of the input to give every item a ``"cancelled"`` record.
+    rest of the input to give every item a ``"cancelled"`` record. ``indexed`` means the
+    input yields ``(index, item)``: a journaled run's, whose other inputs were recorded
+    without running (``journaled.py``).
     """
 
     def __init__(
@@ -133,6 +135,7 @@ class Run:
         concurrency: int = 1,
         future: Future[Any] | None = None,
         on_input: Callable[[], None] = lambda: None,
+        indexed: bool = False,
     ) -> None:
         self.serial = next(_run_serials)
         # async def tasks run a batch at a time on a worker's event loop: the batch is
@@ -158,6 +161,10 @@ class Run:
         self.state = RunState.ACTIVE
         self.leftover: tuple[str, Any] | None = None  # once stopped: (status, Failure) for
         # the inputs read and never dispatched
+        self.indexed = indexed
+        # what recorded inputs without running them (a journaled run's input, with its
+        # ``restored`` and ``failed`` counts, written by the feeder thread); for views
+        self.settled: Any = None
         self.next_index = 0
         self.in_flight = 0  # taken from the input and not yet recorded
         self.input_error: BaseException | None = None
@@ -238,9 +245,13 @@ class Run:
         items = self.input.take(count)
         if not items:
             return None
+        self.in_flight += len(items)
+        if self.indexed:
+            indices = [index for index, _ in items]
+            self.next_index = indices[-1] + 1
+            return Batch(self, indices, [item for _, item in items])
         first = self.next_index
         self.next_index += len(items)
-        self.in_flight += len(items)
         return Batch(self, range(first, self.next_index), items)
 
     def input_ended(self) -> bool:

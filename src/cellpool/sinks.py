@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .runs import Run
 
 
-def _with_results(error: BaseException, results: Results) -> BaseException:
+def with_results(error: BaseException, results: Results) -> BaseException:
     if hasattr(error, "add_note"):  # Python 3.11+
         error.add_note(
             f"cellpool: the input raised this after {len(results)} items; "
@@ -112,7 +112,7 @@ class RecordSink:
 
     def finish(self, run: Run) -> None:
         if run.input_error is not None:
-            error = _with_results(run.input_error, self.results)
+            error = with_results(run.input_error, self.results)
             self._deliveries.put(self.future.set_exception, error)
         else:
             self._deliveries.put(self.future.set_result, self.results)

@@ -13,8 +13,9 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Figures:
     """Where a run stands. ``done`` counts tasks that finished (ok or failed), never the
-    cancelled ones, which are counted apart; ``total`` is ``None`` when the input has
-    no length."""
+    cancelled ones, which are counted apart, nor the records ``restored`` from a
+    journal, which are not this run's work; ``total`` is ``None`` when the input has no
+    length."""
 
     done: int
     total: int | None
@@ -22,6 +23,12 @@ class Figures:
     cancelled: int
     elapsed: float
     ended: bool
+    restored: int = 0
+
+    @property
+    def work(self) -> int | None:
+        """The tasks this run has to do: the total less what the journal restored."""
+        return None if self.total is None else self.total - self.restored
 
     @property
     def rate(self) -> float:
@@ -30,23 +37,26 @@ class Figures:
 
     @property
     def eta(self) -> float | None:
-        if self.total is None or self.ended or self.rate <= 0:
+        if self.work is None or self.ended or self.rate <= 0:
             return None
-        return (self.total - self.done - self.cancelled) / self.rate
+        return max(0, self.work - self.done - self.cancelled) / self.rate
 
     @property
     def count(self) -> str:
-        if self.total is None:
+        if self.work is None:
             return f"{self.done:,}"
-        percent = 100 * self.done / self.total if self.total else 100
-        return f"{self.done:,}/{self.total:,} ({percent:.0f}%)"
+        percent = 100 * self.done / self.work if self.work else 100
+        return f"{self.done:,}/{self.work:,} ({percent:.0f}%)"
 
 
 def figures_of(run: Run) -> Figures:
     ended = run.finished.is_set()
     cancelled = run.cancelled_tasks
     elapsed = time.monotonic() - run.created
-    return Figures(run.done - cancelled, run.total, run.failed, cancelled, elapsed, ended)
+    restored = getattr(run.settled, "restored", 0)
+    unkeyed = getattr(run.settled, "failed", 0)  # inputs whose journal key failed
+    done, failed = run.done - cancelled + unkeyed, run.failed + unkeyed
+    return Figures(done, run.total, failed, cancelled, elapsed, ended, restored)
 
 
 def clock(seconds: float) -> str:
@@ -72,6 +82,8 @@ def summary_line(label: str, figures: Figures) -> str:
     parts = [f"{label} {figures.count}", f"{figures.failed:,} errors"]
     if figures.cancelled:
         parts.append(f"{figures.cancelled:,} cancelled")
+    if figures.restored:
+        parts.append(f"{figures.restored:,} restored from journal")
     parts += [f"{figures.rate:,.1f}/s", clock(figures.elapsed)]
     if figures.eta is not None:
         parts.append(f"eta {clock(figures.eta)}")

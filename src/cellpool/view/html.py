@@ -58,6 +58,7 @@ def status_html(label: str, figures: Figures) -> str:
         figures.count + " done",
         f"{figures.failed:,} errors",
         *([f"{figures.cancelled:,} cancelled"] if figures.cancelled else []),
+        *([f"{figures.restored:,} restored from journal"] if figures.restored else []),
         f"{figures.rate:,.1f} tasks/s",
         f"elapsed {clock(figures.elapsed)}",
     ]

@@ -120,7 +120,7 @@ class WidgetProgress:
         run = self._run
         figures = figures_of(run)
         with self._bar.hold_sync():
-            self._bar.max = max(figures.total or run.done + run.in_flight, 1)
+            self._bar.max = max(figures.work or run.done + run.in_flight, 1)
             self._bar.value = figures.done
             if final:
                 self._bar.bar_style = (

@@ -1,0 +1,279 @@
+"""A journaled run: what was already done comes back from the journal, the rest runs.
+
+The pieces, and which thread owns what::
+
+    caller (run/start)   opens the journal run: its version, and what is stored
+    feeder thread        JournaledInput: keys each input (user code: ``key=``), puts a
+                         restored record straight into the sink, and hands the rest to
+                         the dispatcher as (index, item); owns ``keys``, ``restored``
+                         and ``failed``
+    dispatcher           JournalSink.put/put_many: each finished record goes to the
+                         Results and is queued for the journal (``JournalRun.write``
+                         never blocks and pickles nothing on this thread)
+    journal writer       pickles and writes records in short transactions (journal.py)
+    delivery thread      flushes the journal, then completes the run's future
+
+Indices stay the input's: a restored input keeps its place in the ``Results``, and a
+fresh one carries its index through the dispatcher's batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import marshal
+import math
+import os
+import types
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from .results import Failure
+from .sinks import Finished, FinishedBatch, RecordSink, with_results
+from .tasks import Task
+
+if TYPE_CHECKING:
+    from .delivery import Deliveries
+    from .runs import Run
+    from .store import JournalRun, StoredRecord
+
+RERUN = ("errors", "none", "all")  # what runs again: failures (default), nothing, all
+_FAILED = ("error", "timeout", "crashed")
+_NOWHERE = (None, None, None, None)  # worker, pid, started, finished: it never ran
+
+
+def open_run(
+    journal: Any, fn: Callable[..., Any], keep_code: bool
+) -> tuple[JournalRun, dict[str, StoredRecord]]:
+    """The run of ``fn`` in the journal ``journal`` names, and what it holds: a name
+    (``"crawl"``) is a run in the default store; a path (``"runs/crawl.db"``) or a
+    ``Journal`` holds runs named after their function. Read on the caller's thread; a
+    store opened here is closed again (the run writes through its own connection)."""
+    from .store import Journal
+
+    name = getattr(fn, "__name__", type(fn).__name__)
+    if isinstance(journal, Journal):
+        store = journal
+    elif _is_path(journal):
+        store = Journal(journal)
+    else:
+        store, name = Journal(), journal
+    try:
+        function = getattr(fn, "__qualname__", name)
+        run = store.begin(name, function, identity(fn), keep_code)
+        try:
+            return run, run.stored()
+        except BaseException:
+            run.close()
+            raise
+    finally:
+        if store is not journal:
+            store.close()
+
+
+def _is_path(journal: str | os.PathLike[str]) -> bool:
+    text = os.fspath(journal)
+    return os.sep in text or text.endswith((".db", ".sqlite", ".sqlite3"))
+
+
+def identity(fn: Callable[..., Any]) -> str:
+    """What makes a run's function the same one: its code and the names it uses (not
+    where the code sits in its file), or, for a callable object, its type."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        kind = type(getattr(fn, "func", fn))
+        return f"{kind.__module__}.{kind.__qualname__}"
+    return hashlib.blake2b(marshal.dumps(_bare(code)), digest_size=16).hexdigest()
+
+
+def _bare(code: types.CodeType) -> types.CodeType:
+    """``code`` without its file name and line numbers, nested code included."""
+    consts = tuple(_bare(c) if isinstance(c, types.CodeType) else c for c in code.co_consts)
+    return code.replace(co_filename="", co_firstlineno=1, co_linetable=b"", co_consts=consts)
+
+
+class JournaledInput:
+    """The run's input as the dispatcher sees it: ``(index, item)`` for the inputs to
+    run. The others are recorded here, on the feeder thread: restored from the journal,
+    or an error when their key cannot be made."""
+
+    def __init__(
+        self,
+        items: Iterable[Any],
+        key: Callable[[Any], Any] | None,
+        stored: dict[str, StoredRecord],
+        rerun: str,
+        sink: RecordSink,
+    ) -> None:
+        from .store import stable_key
+
+        self._items = items
+        self._key = key or stable_key
+        self._stored = stored
+        self._rerun = rerun
+        self._sink = sink
+        self.keys: list[str | None] = []  # by index; None: no key, not journaled
+        self.restored = 0  # records taken from the journal
+        self.failed = 0  # inputs whose key could not be made
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        for index, item in enumerate(self._items):
+            self.keys.append(None)
+            key = self.keys[index] = self._key_of(index, item)
+            if key is None:
+                continue
+            record = self._stored.get(key)
+            if record is not None and self._restores(record.status):
+                self._sink.restore(index, item, record)
+                self.restored += 1
+                continue
+            yield index, item
+
+    def _key_of(self, index: int, item: Any) -> str | None:
+        try:
+            key = self._key(item)
+            if not isinstance(key, str):
+                key = hashlib.blake2b(repr(hash(key)).encode(), digest_size=16).hexdigest()
+            return key
+        except Exception as error:
+            failure = Failure(
+                type(error).__name__,
+                f"the journal key of this input could not be made: {error}",
+                None,
+                error,
+            )
+            self._sink.put(Finished(Task(index, item, 0), "error", None, failure, *_NOWHERE))
+            self.failed += 1
+            return None
+
+    def _restores(self, status: str) -> bool:
+        if self._rerun == "all":
+            return False
+        return status == "ok" or (self._rerun == "none" and status in _FAILED)
+
+
+class JournalSink(RecordSink):
+    """A ``RecordSink`` that also queues each finished record for the journal; the
+    journal is flushed before the run's future completes."""
+
+    def __init__(self, deliveries: Deliveries, run: JournalRun) -> None:
+        super().__init__(deliveries)
+        self.journal_run = run
+        self.input: JournaledInput | None = None  # set before the run starts
+
+    def restore(self, index: int, item: Any, record: StoredRecord) -> None:
+        """Put a record from the journal in its input's place (feeder thread)."""
+        failure = None
+        if record.status != "ok":
+            failure = Failure(record.error_type or "", record.error or "", record.traceback, None)
+        with self._lock:
+            self.results._put(
+                index,
+                index,
+                item,
+                record.status,
+                record.value,
+                failure,
+                record.worker,
+                record.pid,
+                record.attempts,
+                _on_clock(record.started, -self.results._clock),
+                _on_clock(record.finished, -self.results._clock),
+            )
+            self.results._restored.add(index)
+
+    def put(self, done: Finished) -> None:
+        super().put(done)
+        task = done.task
+        self._write(
+            task.index,
+            task.item,
+            done.status,
+            done.value,
+            done.failure,
+            done.worker,
+            done.pid,
+            task.attempts,
+            done.started,
+            done.finished,
+        )
+
+    def put_many(self, done: FinishedBatch) -> None:
+        super().put_many(done)
+        if done.status == "cancelled":
+            return  # not done: it runs again next time
+        count = len(done.items)
+        values = done.values or [None] * count
+        started = done.started or [None] * count
+        finished = done.finished or [None] * count
+        attempts = done.attempts
+        for k, index in enumerate(done.indices):
+            tries = attempts if isinstance(attempts, int) else attempts[k]
+            self._write(
+                index,
+                done.items[k],
+                done.status,
+                values[k],
+                done.failure,
+                done.worker,
+                done.pid,
+                tries,
+                started[k],
+                finished[k],
+            )
+
+    def _write(
+        self,
+        index: int,
+        item: Any,
+        status: str,
+        value: Any,
+        failure: Failure | None,
+        worker: str | None,
+        pid: int | None,
+        attempts: int,
+        started: float | None,
+        finished: float | None,
+    ) -> None:
+        """Queue a record for the journal, unless it is cancelled (it runs next time)."""
+        key = self.input.keys[index] if self.input is not None else None
+        if key is None or status == "cancelled":
+            return
+        clock = self.results._clock
+        self.journal_run.write(
+            key,
+            index,
+            item,
+            status,
+            value,
+            None if failure is None else failure.error_type,
+            None if failure is None else failure.error,
+            None if failure is None else failure.traceback,
+            worker,
+            pid,
+            attempts,
+            _on_clock(started, clock),
+            _on_clock(finished, clock),
+        )
+
+    def close_journal(self) -> None:
+        """Write what is queued and stop the journal's writer (the run will not
+        start, or has ended)."""
+        self.journal_run.close()
+
+    def finish(self, run: Run) -> None:
+        # One delivery does both, in order: the journal is flushed (on a delivery
+        # thread: the dispatcher never waits on disk), then the future completes.
+        error = run.input_error
+
+        def flush_then_complete() -> None:
+            self.close_journal()
+            if error is not None:
+                self.future.set_exception(with_results(error, self.results))
+            else:
+                self.future.set_result(self.results)
+
+        self._deliveries.put(flush_then_complete)
+
+
+def _on_clock(seconds: float | None, offset: float) -> float | None:
+    return None if seconds is None or math.isnan(seconds) else seconds + offset

@@ -1,0 +1,215 @@
+"""Journaled runs: every record is written as it finishes, and the same run started
+again restores what was done and runs the rest."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import cellpool
+from cellpool import Executor, Journal
+
+from .conftest import settle
+
+
+@pytest.fixture
+def journal_file(tmp_path):
+    return tmp_path / "runs.db"
+
+
+def square_unless_seven(x):
+    if x == 7:
+        raise ValueError("seven")
+    return x * x
+
+
+def test_a_run_started_again_restores_what_was_ok_and_runs_the_failures(journal_file):
+    first = cellpool.run(square_unless_seven, range(20), journal=journal_file, progress="none")
+    assert first.counts() == {"ok": 19, "error": 1}
+    assert not any(record.restored for record in first)
+    ran = []
+
+    def square(x):
+        ran.append(x)
+        return x * x
+
+    square.__name__ = "square_unless_seven"  # the same run in the file, a changed function
+    second = cellpool.run(
+        square, range(20), journal=journal_file, journal_keep_code=True, progress="none"
+    )
+    assert ran == [7]  # only the failure ran again
+    assert second.values == [x * x for x in range(20)]
+    assert [record.index for record in second if not record.restored] == [7]
+    assert "19 restored from a journal" in second.summary()
+
+
+def test_rerun_none_restores_everything_and_all_runs_everything(journal_file):
+    cellpool.run(square_unless_seven, range(10), journal=journal_file, progress="none")
+    kept = cellpool.run(
+        square_unless_seven, range(10), journal=journal_file, rerun="none", progress="none"
+    )
+    assert all(record.restored for record in kept)
+    assert kept.counts() == {"ok": 9, "error": 1}
+    assert kept[7].error == "seven"
+    again = cellpool.run(
+        square_unless_seven, range(10), journal=journal_file, rerun="all", progress="none"
+    )
+    assert not any(record.restored for record in again)
+
+
+def nap(x):
+    time.sleep(0.05)
+    return x
+
+
+def test_cancelled_inputs_are_not_journaled_and_run_on_resume(journal_file):
+    with Executor("process", 2, journal=journal_file) as ex:
+        job = ex.start(nap, range(200), progress="none")
+        settle(lambda: len(job.partial()) < 10, 30)
+        job.cancel()
+        partial = job.result(timeout=30)
+        done = partial.counts()["ok"]
+        assert partial.counts()["cancelled"] > 0
+        resumed = ex.run(nap, range(200), progress="none")
+    restored = [record.index for record in resumed if record.restored]
+    assert len(restored) == done
+    assert resumed.values == list(range(200))
+    with Journal(journal_file) as journal:
+        assert journal.runs()[0]["ok"] == 200
+
+
+def test_keys_come_from_key_and_a_key_that_fails_costs_one_record(journal_file):
+    pages = [{"url": f"u{i}", "seen": time.time()} for i in range(6)] + [{"no url": 1}]
+    first = cellpool.run(
+        len, pages, journal=journal_file, key=lambda page: page["url"], progress="none"
+    )
+    assert first.counts() == {"ok": 6, "error": 1}
+    assert first[6].error_type == "KeyError"
+    assert "journal key" in first[6].error
+    fresh = [{"url": f"u{i}", "seen": time.time()} for i in range(6)]  # other times, same keys
+    second = cellpool.run(
+        len, fresh, journal=journal_file, key=lambda page: page["url"], progress="none"
+    )
+    assert all(record.restored for record in second)
+
+
+def test_a_changed_function_starts_a_new_version_with_a_warning(journal_file):
+    cellpool.run(square_unless_seven, range(3), journal=journal_file, progress="none")
+
+    def negate(x):  # other code under the same name
+        return -x
+
+    negate.__name__ = "square_unless_seven"
+    with pytest.warns(UserWarning, match="changed"):
+        changed = cellpool.run(negate, range(3), journal=journal_file, progress="none")
+    assert changed.values == [0, -1, -2]
+    assert not any(record.restored for record in changed)
+    with Journal(journal_file) as journal:
+        versions = [row["version"] for row in journal.runs("square_unless_seven")]
+    assert sorted(versions) == [1, 2]
+
+
+def give_a_lock(x):
+    return threading.Lock() if x == 1 else x
+
+
+def test_a_value_that_cannot_be_saved_is_journaled_as_an_error_and_runs_again(journal_file):
+    first = cellpool.run(give_a_lock, range(3), journal=journal_file, progress="none")
+    assert first.counts() == {"ok": 3}  # in memory, the run had its value
+    with Journal(journal_file) as journal:
+        stored = journal.load("give_a_lock")
+    assert stored[1].status == "error" and stored[1].error_type == "PicklingError"
+    second = cellpool.run(give_a_lock, range(3), journal=journal_file, progress="none")
+    assert [record.restored for record in second] == [True, False, True]
+
+
+def test_a_file_that_is_not_a_journal_is_a_one_line_error_and_nothing_runs(tmp_path):
+    path = tmp_path / "notes.db"
+    path.write_text("these are my notes\n")
+    ran = []
+    with pytest.raises(ValueError) as raised:
+        cellpool.run(ran.append, range(3), journal=path, progress="none")
+    assert "\n" not in str(raised.value) and str(path) in str(raised.value)
+    assert ran == []
+    assert path.read_text() == "these are my notes\n"
+
+
+def test_a_name_is_a_run_in_the_default_store_beside_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cellpool.run(abs, [-1, -2], journal="crawl", progress="none")
+    assert (tmp_path / ".cellpool" / "journal.db").exists()
+    with cellpool.journal() as journal:
+        rows = journal.runs()
+        assert [(row["name"], row["ok"]) for row in rows] == [("crawl", 2)]
+        assert journal.load("crawl").values == [1, 2]
+        assert journal.forget("crawl") == 2
+        assert journal.runs() == []
+
+
+def test_the_text_line_counts_restored_records_apart(journal_file, capsys):
+    cellpool.run(abs, range(30), journal=journal_file, progress="none")
+    cellpool.run(abs, range(40), journal=journal_file, progress="text")
+    last = capsys.readouterr().err.strip().split("\r")[-1]
+    assert "10/10 (100%)" in last  # the work of this run: the 10 new inputs
+    assert "30 restored from journal" in last
+
+
+KILLED_MIDWAY = """
+import os, time, sys
+import cellpool
+
+def slow(x):
+    time.sleep(0.02)
+    return x * 10
+
+def after(fut):
+    pass
+
+if __name__ == "__main__":
+    job = cellpool.Executor("process", 2).start(slow, range(400), journal=sys.argv[1],
+                                                  progress="none")
+    while len(job.partial()) < 100:
+        time.sleep(0.05)
+    time.sleep(0.3)  # the journal writes every 100 ms
+    os._exit(1)  # the kernel dies: no shutdown, no flush
+"""
+
+
+def test_a_run_whose_process_died_resumes_from_what_was_journaled(journal_file, tmp_path):
+    script = tmp_path / "killed.py"
+    script.write_text(textwrap.dedent(KILLED_MIDWAY))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    subprocess.run([sys.executable, str(script), str(journal_file)], env=env, timeout=120)
+    with Journal(journal_file) as journal:
+        (row,) = journal.runs()
+    assert 100 <= row["ok"] < 400
+
+    def slow(x):
+        return x * 10
+
+    resumed = cellpool.run(
+        slow, range(400), journal=journal_file, journal_keep_code=True, progress="none"
+    )
+    assert resumed.values == [x * 10 for x in range(400)]
+    assert sum(record.restored for record in resumed) == row["ok"]
+
+
+def test_a_dask_run_is_journaled_by_its_caller_and_resumed_on_threads(journal_file):
+    first = cellpool.run(
+        square_unless_seven,
+        range(12),
+        kind="dask",
+        workers=2,
+        journal=journal_file,
+        progress="none",
+    )
+    assert first.counts() == {"ok": 11, "error": 1}
+    resumed = cellpool.run(square_unless_seven, range(12), journal=journal_file, progress="none")
+    assert [record.index for record in resumed if not record.restored] == [7]
+    assert {record.worker for record in resumed if record.restored} <= {"d0", "d1"}
