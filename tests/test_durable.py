@@ -10,6 +10,7 @@ import textwrap
 import threading
 import time
 
+import psutil
 import pytest
 
 import cellpool
@@ -63,25 +64,36 @@ def test_rerun_none_restores_everything_and_all_runs_everything(journal_file):
     assert not any(record.restored for record in again)
 
 
-def nap(x):
-    time.sleep(0.05)
-    return x
+def counted_work(x, count):
+    """5 ms of work that counts its executions in the file ``count``, a byte each."""
+    with open(count, "ab") as file:
+        file.write(b".")
+    time.sleep(0.005)
+    return x * 3
 
 
-def test_cancelled_inputs_are_not_journaled_and_run_on_resume(journal_file):
+def executions(path):
+    return path.stat().st_size if path.exists() else 0
+
+
+def test_cancelled_inputs_are_not_journaled_and_run_on_resume(journal_file, tmp_path):
+    count = str(tmp_path / "count")
     with Executor("process", 2, journal=journal_file) as ex:
-        job = ex.start(nap, range(200), progress="none")
-        settle(lambda: len(job.partial()) < 10, 30)
+        job = ex.start(counted_work, range(400), [count] * 400, progress="none")
+        settle(lambda: len(job.partial()) < 100, 30)
         job.cancel()
         partial = job.result(timeout=30)
         done = partial.counts()["ok"]
         assert partial.counts()["cancelled"] > 0
-        resumed = ex.run(nap, range(200), progress="none")
+        ran_before = executions(tmp_path / "count")
+        resumed = ex.run(counted_work, range(400), [count] * 400, progress="none")
     restored = [record.index for record in resumed if record.restored]
     assert len(restored) == done
-    assert resumed.values == list(range(200))
+    assert resumed.values == [x * 3 for x in range(400)]
     with Journal(journal_file) as journal:
-        assert journal.runs()[0]["ok"] == 200
+        assert journal.runs()[0]["ok"] == 400
+    # what ran twice: only the tasks running when Cancel killed them
+    assert executions(tmp_path / "count") - 400 == ran_before - done <= 8
 
 
 def test_keys_come_from_key_and_a_key_that_fails_costs_one_record(journal_file):
@@ -213,3 +225,88 @@ def test_a_dask_run_is_journaled_by_its_caller_and_resumed_on_threads(journal_fi
     resumed = cellpool.run(square_unless_seven, range(12), journal=journal_file, progress="none")
     assert [record.index for record in resumed if not record.restored] == [7]
     assert {record.worker for record in resumed if record.restored} <= {"d0", "d1"}
+
+
+# -- real crashes: the kernel killed, the workers killed -------------------------------
+
+TASKS = 2_000
+# The most inputs that can run twice across a crash: those running at the kill (2
+# workers x 2 batches of about 10 ms of 5 ms tasks = 8) and those finished but not yet
+# committed (the writer commits every 100 ms: 2 workers finish about 40 in that time;
+# twice that for a commit under way), with room for a slow machine's larger batches.
+RAN_TWICE_BOUND = 150
+
+CRAWL_CELL = """
+import time
+import cellpool
+
+def work(x):
+    with open({count!r}, "ab") as count:  # one byte per execution, outside the journal
+        count.write(b".")
+    time.sleep(0.005)
+    return x * 3
+
+res = cellpool.run(work, range({tasks}), kind="process", workers=2, journal={journal!r},
+                   progress="none")
+res.counts()
+"""
+
+
+def committed_ok(journal_file):
+    with Journal(journal_file) as journal:
+        return sum(row["ok"] for row in journal.runs())
+
+
+def test_a_kernel_killed_mid_run_resumes_in_a_new_kernel(journal_file, tmp_path, kernel_clients):
+    from jupyter_client.manager import start_new_kernel
+
+    count = tmp_path / "count"
+    cell = CRAWL_CELL.format(count=str(count), tasks=TASKS, journal=str(journal_file))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    manager, client = start_new_kernel(kernel_name="python3", env=env)
+    try:
+        client.execute(cell)
+        settle(lambda: executions(count) < 600, 60)
+        kernel = psutil.Process(manager.provisioner.process.pid)
+        left = kernel.children(recursive=True)  # the forkserver and the workers
+        kernel.kill()  # SIGKILL: no shutdown, no flush
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    # what the kernel started sees its pipes close and ends by itself
+    assert not settle(lambda: [p for p in left if p.is_running() and p.status() != "zombie"], 20)
+    before, kept = executions(count), committed_ok(journal_file)
+    assert 0 < kept < TASKS
+    assert before - kept <= RAN_TWICE_BOUND
+
+    manager, client = start_new_kernel(kernel_name="python3", env=env)
+    try:
+        reply = client.execute_interactive(cell, timeout=120)
+        assert reply["content"]["status"] == "ok"
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    with Journal(journal_file) as journal:
+        (row,) = journal.runs()
+        results = journal.load(row["name"])
+    assert row["ok"] == TASKS and row["total"] == TASKS
+    assert results.values == [x * 3 for x in range(TASKS)]
+    assert executions(count) <= TASKS + RAN_TWICE_BOUND
+
+
+def test_workers_killed_mid_run_cost_their_tasks_which_the_next_run_completes(
+    journal_file, tmp_path
+):
+    count = str(tmp_path / "count")
+    with Executor("process", 2, journal=journal_file, progress="none") as ex:
+        job = ex.start(counted_work, range(TASKS), [count] * TASKS)
+        settle(lambda: executions(tmp_path / "count") < 500, 60)
+        for row in ex.workers_info():
+            os.kill(row["pid"], 9)
+        first = job.result(timeout=120)
+        crashed = first.counts().get("crashed", 0)
+        assert 1 <= crashed <= 8  # what the two workers were running
+        second = ex.run(counted_work, range(TASKS), [count] * TASKS)
+    assert second.values == [x * 3 for x in range(TASKS)]
+    assert sum(not record.restored for record in second) == crashed
+    assert executions(tmp_path / "count") == TASKS + crashed  # the crashed ones ran twice

@@ -5,12 +5,14 @@ The pieces, and which thread owns what::
     caller (run/start)   opens the journal run: its version, and what is stored
     feeder thread        JournaledInput: keys each input (user code: ``key=``), puts a
                          restored record straight into the sink, and hands the rest to
-                         the dispatcher as (index, item); owns ``keys``, ``restored``
-                         and ``failed``
+                         the dispatcher as (index, item), adding their keys to ``keys``;
+                         owns ``restored`` and ``failed``
     dispatcher           JournalSink.put/put_many: each finished record goes to the
-                         Results and is queued for the journal (``JournalRun.write``
-                         never blocks and pickles nothing on this thread)
-    journal writer       pickles and writes records in short transactions (journal.py)
+                         Results and is queued for the journal with the key it takes
+                         from ``keys`` (``JournalRun.write`` never blocks and pickles
+                         nothing on this thread); the journal's backlog counts against
+                         the run's ``max_pending``, so the input waits for the disk
+    journal writer       pickles and writes records in short transactions (store.py)
     delivery thread      flushes the journal, then completes the run's future
 
 Indices stay the input's: a restored input keeps its place in the ``Results``, and a
@@ -111,14 +113,15 @@ class JournaledInput:
         self._stored = stored
         self._rerun = rerun
         self._sink = sink
-        self.keys: list[str | None] = []  # by index; None: no key, not journaled
+        # index -> key of the inputs handed on to run, until their record is journaled
+        # (added by the feeder thread, taken by the dispatcher: single dict operations)
+        self.keys: dict[int, str] = {}
         self.restored = 0  # records taken from the journal
         self.failed = 0  # inputs whose key could not be made
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
         for index, item in enumerate(self._items):
-            self.keys.append(None)
-            key = self.keys[index] = self._key_of(index, item)
+            key = self._key_of(index, item)
             if key is None:
                 continue
             record = self._stored.get(key)
@@ -126,6 +129,7 @@ class JournaledInput:
                 self._sink.restore(index, item, record)
                 self.restored += 1
                 continue
+            self.keys[index] = key
             yield index, item
 
     def _key_of(self, index: int, item: Any) -> str | None:
@@ -235,7 +239,7 @@ class JournalSink(RecordSink):
         finished: float | None,
     ) -> None:
         """Queue a record for the journal, unless it is cancelled (it runs next time)."""
-        key = self.input.keys[index] if self.input is not None else None
+        key = self.input.keys.pop(index, None) if self.input is not None else None
         if key is None or status == "cancelled":
             return
         clock = self.results._clock
@@ -254,6 +258,11 @@ class JournalSink(RecordSink):
             _on_clock(started, clock),
             _on_clock(finished, clock),
         )
+
+    def buffered(self) -> int:
+        """Records the journal has yet to write: they hold back the input's reading,
+        so a journal slower than the tasks keeps memory bounded."""
+        return self.journal_run.pending()
 
     def close_journal(self) -> None:
         """Write what is queued and stop the journal's writer (the run will not

@@ -549,6 +549,11 @@ class JournalRun:
     def __repr__(self) -> str:
         return f"JournalRun({self.name!r}, version={self.version}, path={str(self.path)!r})"
 
+    def pending(self) -> int:
+        """Records queued and not yet written (approximate: another thread may be
+        adding or writing)."""
+        return self._writer.queue.qsize()
+
     def stored(self) -> dict[str, StoredRecord]:
         """Input key -> record, as the file holds them now (records still queued are not
         there yet). Reads through a connection of its own, closed before it returns."""
