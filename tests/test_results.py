@@ -33,6 +33,7 @@ CONTRACT_FIELDS = [
     "started",
     "finished",
     "duration",
+    "restored",  # added for journaled runs: a record taken from a journal
 ]
 
 
@@ -114,7 +115,7 @@ def test_task_result_defaults_and_keyword_construction():
     record = TaskResult(index=3, item="x", status="ok")
     assert record.index == 3 and record.item == "x" and record.status == "ok"
     for name in CONTRACT_FIELDS[3:]:
-        expected = 0 if name == "attempts" else None
+        expected = {"attempts": 0, "restored": False}.get(name)
         assert getattr(record, name) == expected, name
 
 

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 RERUN = ("errors", "none", "all")  # what runs again: failures (default), nothing, all
 _FAILED = ("error", "timeout", "crashed")
 _NOWHERE = (None, None, None, None)  # worker, pid, started, finished: it never ran
+_NO_FAILURE = (None, None, None)  # error type, error, traceback
 
 
 def open_run(
@@ -166,98 +167,52 @@ class JournalSink(RecordSink):
 
     def restore(self, index: int, item: Any, record: StoredRecord) -> None:
         """Put a record from the journal in its input's place (feeder thread)."""
-        failure = None
-        if record.status != "ok":
-            failure = Failure(record.error_type or "", record.error or "", record.traceback, None)
         with self._lock:
-            self.results._put(
-                index,
-                index,
-                item,
-                record.status,
-                record.value,
-                failure,
-                record.worker,
-                record.pid,
-                record.attempts,
-                _on_clock(record.started, -self.results._clock),
-                _on_clock(record.finished, -self.results._clock),
-            )
+            self.results._put_record(index, index, item, record, -self.results._clock)
             self.results._restored.add(index)
 
     def put(self, done: Finished) -> None:
         super().put(done)
-        task = done.task
-        self._write(
-            task.index,
-            task.item,
-            done.status,
-            done.value,
-            done.failure,
-            done.worker,
-            done.pid,
-            task.attempts,
-            done.started,
-            done.finished,
-        )
+        self._write(done)
 
     def put_many(self, done: FinishedBatch) -> None:
         super().put_many(done)
         if done.status == "cancelled":
             return  # not done: it runs again next time
-        count = len(done.items)
-        values = done.values or [None] * count
-        started = done.started or [None] * count
-        finished = done.finished or [None] * count
-        attempts = done.attempts
+        attempts, values, started, finished = (
+            done.attempts,
+            done.values,
+            done.started,
+            done.finished,
+        )
         for k, index in enumerate(done.indices):
-            tries = attempts if isinstance(attempts, int) else attempts[k]
+            task = Task(
+                index, done.items[k], attempts if isinstance(attempts, int) else attempts[k]
+            )
             self._write(
-                index,
-                done.items[k],
-                done.status,
-                values[k],
-                done.failure,
-                done.worker,
-                done.pid,
-                tries,
-                started[k],
-                finished[k],
+                Finished(
+                    task,
+                    done.status,
+                    None if values is None else values[k],
+                    done.failure,
+                    done.worker,
+                    done.pid,
+                    None if started is None else started[k],
+                    None if finished is None else finished[k],
+                )
             )
 
-    def _write(
-        self,
-        index: int,
-        item: Any,
-        status: str,
-        value: Any,
-        failure: Failure | None,
-        worker: str | None,
-        pid: int | None,
-        attempts: int,
-        started: float | None,
-        finished: float | None,
-    ) -> None:
+    def _write(self, done: Finished) -> None:
         """Queue a record for the journal, unless it is cancelled (it runs next time)."""
-        key = self.input.keys.pop(index, None) if self.input is not None else None
-        if key is None or status == "cancelled":
+        task = done.task
+        key = self.input.keys.pop(task.index, None) if self.input is not None else None
+        if key is None or done.status == "cancelled":
             return
+        error = _NO_FAILURE if done.failure is None else done.failure[:3]
         clock = self.results._clock
-        self.journal_run.write(
-            key,
-            index,
-            item,
-            status,
-            value,
-            None if failure is None else failure.error_type,
-            None if failure is None else failure.error,
-            None if failure is None else failure.traceback,
-            worker,
-            pid,
-            attempts,
-            _on_clock(started, clock),
-            _on_clock(finished, clock),
-        )
+        times = (_on_clock(done.started, clock), _on_clock(done.finished, clock))
+        record = (key, task.index, task.item, done.status, done.value, *error)
+        self.journal_run.write(*record, done.worker, done.pid, task.attempts, *times)
 
     def buffered(self) -> int:
         """Records the journal has yet to write: they hold back the input's reading,

@@ -201,28 +201,36 @@ class Results(Sequence[TaskResult]):
         self._finished = array("d")
         for record in records:
             position = len(self._status)
-            failure = None
-            if record.status != "ok":
-                failure = Failure(record.error_type, record.error, record.traceback)
-            self._put(
-                position,
-                record.index,
-                record.item,
-                record.status,
-                record.value,
-                failure,
-                record.worker,
-                record.pid,
-                record.attempts,
-                record.started,
-                record.finished,
-            )
+            self._put_record(position, record.index, record.item, record)
             if record.duration != self._record(position).duration:
                 self._duration[position] = record.duration
             if record.restored:
                 self._restored.add(position)
 
     # -- filling (the executor's side) ---------------------------------------------
+
+    def _put_record(
+        self, position: int, index: int, item: Any, record: Any, offset: float = 0.0
+    ) -> None:
+        """Write ``record`` (a ``TaskResult``, or a journal's ``StoredRecord``: its
+        fields by name) at ``position``, its epoch times moved by ``offset``."""
+        failure = None
+        if record.status != "ok":
+            failure = Failure(record.error_type, record.error, record.traceback)
+        started, finished = record.started, record.finished
+        self._put(
+            position,
+            index,
+            item,
+            record.status,
+            record.value,
+            failure,
+            record.worker,
+            record.pid,
+            record.attempts,
+            None if started is None else started + offset,
+            None if finished is None else finished + offset,
+        )
 
     def _put(
         self,

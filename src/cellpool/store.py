@@ -53,7 +53,7 @@ import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import cloudpickle
 
@@ -527,7 +527,22 @@ atexit.register(_at_exit)
 # -- the public side -------------------------------------------------------------------
 
 
-class JournalRun:
+class _Closes:
+    """``with``: the subclass's ``close()`` at the end."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()  # type: ignore[attr-defined]
+
+
+class JournalRun(_Closes):
     """One version of a named run: what is stored for it, and a writer for its records.
 
     Any thread may call its methods, and it outlives the Journal that began it.
@@ -603,22 +618,11 @@ class JournalRun:
         self._finalizer()  # the stop mark, put once
         self._writer.thread.join(timeout)
 
-    def __enter__(self) -> JournalRun:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 _RUN_COLUMNS = ("name", "version", "function", "started", "updated", "total", *STATUSES)
 
 
-class Journal:
+class Journal(_Closes):
     """An SQLite file of runs' records, to resume runs (see the module docstring).
 
     Its methods run on the thread that opened it; the ``JournalRun``s it begins, on any.
@@ -717,17 +721,6 @@ class Journal:
     def close(self) -> None:
         """Close the Journal's connection; the runs it began go on until they are closed."""
         self._connection.close()
-
-    def __enter__(self) -> Journal:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _find(self, name: str, version: int | None) -> int:
         if version is None:
