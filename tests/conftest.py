@@ -8,6 +8,7 @@ import queue
 import threading
 import time
 
+import comm
 import psutil
 import pytest
 
@@ -109,3 +110,32 @@ def no_leaks(shared_multiprocessing_helpers):
     if settle(lambda: open_fds() > len(fds_before)):
         new = {fd: target for fd, target in fd_targets().items() if fds_before.get(fd) != target}
         raise AssertionError(f"fds left: {new}")
+
+
+class RecordingComm:
+    """A comm that keeps every message a widget sends (as ipywidgets' own tests do)."""
+
+    sent: list[float] = []
+
+    def __init__(self, *args, **kwargs):
+        self.comm_id = f"comm-{id(self)}"
+        self.kernel = "present"
+
+    def open(self, *args, **kwargs):
+        pass
+
+    def on_msg(self, *args, **kwargs):
+        pass
+
+    def send(self, *args, **kwargs):
+        RecordingComm.sent.append(time.monotonic())
+
+    def close(self, *args, **kwargs):
+        pass
+
+
+@pytest.fixture
+def recording_comm(monkeypatch):
+    RecordingComm.sent = []
+    monkeypatch.setattr(comm, "create_comm", RecordingComm)
+    return RecordingComm.sent

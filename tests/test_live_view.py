@@ -7,7 +7,6 @@ import threading
 import time
 from xml.etree import ElementTree
 
-import comm
 import psutil
 import pytest
 from jupyter_client.manager import start_new_kernel
@@ -16,35 +15,6 @@ import cellpool
 from cellpool import Executor
 
 from .conftest import iopub_messages, settle
-
-
-class RecordingComm:
-    """A comm that keeps every message a widget sends (as ipywidgets' own tests do)."""
-
-    sent: list[float] = []
-
-    def __init__(self, *args, **kwargs):
-        self.comm_id = f"comm-{id(self)}"
-        self.kernel = "present"
-
-    def open(self, *args, **kwargs):
-        pass
-
-    def on_msg(self, *args, **kwargs):
-        pass
-
-    def send(self, *args, **kwargs):
-        RecordingComm.sent.append(time.monotonic())
-
-    def close(self, *args, **kwargs):
-        pass
-
-
-@pytest.fixture
-def recording_comm(monkeypatch):
-    RecordingComm.sent = []
-    monkeypatch.setattr(comm, "create_comm", RecordingComm)
-    return RecordingComm.sent
 
 
 def test_the_widget_shows_the_final_state(recording_comm, capsys):

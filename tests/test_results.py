@@ -34,6 +34,7 @@ CONTRACT_FIELDS = [
     "finished",
     "duration",
     "restored",  # added for journaled runs: a record taken from a journal
+    "stage",  # added for pipelines: the stage a record comes from
 ]
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .errors import RemoteError, TaskCancelled, TaskTimeout, WorkerCrashed
     from .executor import Executor, Job, run
+    from .pipelines import Pipeline, Stage, pipeline, stage
     from .results import Results, TaskResult
     from .store import Journal
 
@@ -22,6 +23,10 @@ _EXPORTS = {
     "Job": "executor",
     "run": "executor",
     "Journal": "store",
+    "Pipeline": "pipelines",
+    "Stage": "pipelines",
+    "pipeline": "pipelines",
+    "stage": "pipelines",
     "Results": "results",
     "TaskResult": "results",
     "RemoteError": "errors",
@@ -33,14 +38,18 @@ __all__ = [
     "Executor",
     "Job",
     "Journal",
+    "Pipeline",
     "RemoteError",
     "Results",
+    "Stage",
     "TaskCancelled",
     "TaskResult",
     "TaskTimeout",
     "WorkerCrashed",
     "journal",
+    "pipeline",
     "run",
+    "stage",
 ]
 __version__ = "0.1.0"
 

@@ -10,7 +10,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent import futures
-from typing import Any
+from typing import Any, Protocol
 
 from . import hooks
 from . import options as check
@@ -25,7 +25,7 @@ from .pool.thread import ThreadPool
 from .results import Results
 from .runs import PLAIN_SEQUENCES, Run, SequenceInput, StopMode
 from .sinks import FutureSink, OrderedSink, Raised, RecordSink
-from .view import View, ViewSource, WorkerBoard, make_view, no_events, normalize_progress
+from .view import View, ViewSource, WorkerBoard, no_events, normalize_progress, run_view
 from .view.kernel import interrupted
 
 POLL = 0.05  # how often a blocking wait lets widget events and signals through
@@ -51,6 +51,13 @@ RUN_OPTIONS = (
 )
 
 
+class Watched(Protocol):
+    """What a ``Job`` waits for: a run, or a pipeline's flow."""
+
+    finished: threading.Event  # set once every input has its record
+    created: float  # when it began, on the monotonic clock
+
+
 class Job:
     """A ``start``-ed run going on in the background.
 
@@ -59,24 +66,23 @@ class Job:
 
     def __init__(
         self,
-        run: Run,
-        sink: RecordSink,
-        executor: Executor,
+        run: Watched,
+        sink: Any,
         progress: str,
         label: str,
         background: bool,
+        new_view: Callable[[str, bool, Callable[[], Any]], View | None],
+        stop: Callable[[], None],
     ) -> None:
-        self._run = run
-        self._sink = sink
-        self._executor = executor
+        self._run = run  # what ends: its ``finished`` event, ``created`` time
+        self._sink = sink  # its ``future`` (the Results) and ``snapshot()``
         self._progress = progress
         self._label = label
         self._background = background
+        self._new_view = new_view  # (progress, background, cancel) -> the view to show
+        self._stop = stop
         self._view: View | None = None
         self._view_thread: threading.Thread | None = None
-        self._board = WorkerBoard(
-            lambda: dict(run.by_worker), lambda: executor._dispatcher.departures
-        )
         if background or progress != "auto":
             try:
                 self._show_view()
@@ -87,18 +93,7 @@ class Job:
 
     def _show_view(self) -> None:
         """Display the view and start the thread that updates it."""
-        run, executor = self._run, self._executor
-        source = ViewSource(
-            run,
-            self._label,
-            executor._monitor,
-            executor._admission.note,
-            self.cancel,
-            self._board,
-            self._sink.future.result,
-            executor.dashboard_link,
-        )
-        self._view = make_view(self._progress, source, self._background)
+        self._view = self._new_view(self._progress, self._background, self.cancel)
         if self._view is not None:
             thread = threading.Thread(
                 target=self._show, args=(self._view,), name="cellpool-progress", daemon=True
@@ -169,7 +164,7 @@ class Job:
         """
         if self.done():
             return False
-        self._executor._dispatcher.post(CancelRun(self._run, StopMode.KILL))
+        self._stop()
         return True
 
     def done(self) -> bool:
@@ -187,8 +182,8 @@ class Job:
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "running"
-        total = "?" if self._run.total is None else self._run.total
         run = self._run
+        total = "?" if run.total is None else run.total
         return (
             f"<cellpool.Job {state}: {run.done}/{total} done, {run.failed} failed, "
             f"{run.cancelled_tasks} cancelled>"
@@ -537,7 +532,47 @@ class Executor(futures.Executor):
             run.settled = sink.input
         name = merged["label"] or getattr(fn, "__name__", type(fn).__name__)
         label = f"{name} [{self.kind} x{self.workers}]"
-        return Job(run, sink, self, merged["progress"], label, background)
+        return Job(
+            run,
+            sink,
+            merged["progress"],
+            label,
+            background,
+            functools.partial(self._view_of, run, sink, label),
+            lambda: self._dispatcher.post(CancelRun(run, StopMode.KILL)),
+        )
+
+    def _view_of(
+        self,
+        run: Run,
+        sink: RecordSink,
+        label: str,
+        progress: str,
+        background: bool,
+        cancel: Callable[[], Any],
+    ) -> View | None:
+        """The view of one run of this executor's (see ``view.make_view``)."""
+        return run_view(
+            progress, self.view_source(run, sink.future.result, label, cancel), background
+        )
+
+    def view_source(
+        self, run: Run, results: Callable[[], Results], label: str, cancel: Callable[[], Any]
+    ) -> ViewSource:
+        """What a view of ``run`` reads: its counters, this executor's workers and
+        monitor."""
+        dispatcher = self._dispatcher
+        board = WorkerBoard(lambda: dict(run.by_worker), lambda: dispatcher.departures)
+        return ViewSource(
+            run,
+            label,
+            self._monitor,
+            self._admission.note,
+            cancel,
+            board,
+            results,
+            self.dashboard_link,
+        )
 
     def run(self, fn: Callable[..., Any], *iterables: Iterable[Any], **opts: Any) -> Results:
         """Run ``fn`` over the inputs and return a record for every input.

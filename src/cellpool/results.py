@@ -43,7 +43,10 @@ class TaskResult:
     ``status`` is one of ``"ok"``, ``"error"``, ``"timeout"``, ``"crashed"`` (the worker
     died) or ``"cancelled"``. ``value`` is set only when ok; ``error_type``, ``error`` and
     ``traceback`` only when not. Times are epoch seconds. ``restored`` marks a record
-    taken from a journal (an earlier run's), not made by this run.
+    taken from a journal (an earlier run's), not made by this run. In a pipeline's
+    results, ``stage`` names the stage the record comes from: the one where the input
+    failed or was cancelled, or the last one; ``worker``, ``pid`` and ``attempts`` are
+    that stage's, and ``started``/``finished`` span the whole pipeline.
     """
 
     index: int
@@ -60,6 +63,7 @@ class TaskResult:
     finished: float | None = None
     duration: float | None = None
     restored: bool = False
+    stage: str | None = None
 
 
 FIELDS = tuple(field.name for field in dataclasses.fields(TaskResult))
@@ -144,6 +148,11 @@ _FAILURE_COLUMNS = (
 )
 
 
+def _status_at(record: TaskResult) -> str:
+    """``"error"``, or in a pipeline's results ``"error in parse"``."""
+    return record.status if record.stage is None else f"{record.status} in {record.stage}"
+
+
 _NOWRAP_CODE = '<code style="white-space:nowrap">{}</code>'  # a notebook's code may wrap
 
 
@@ -173,6 +182,9 @@ class Results(Sequence[TaskResult]):
         "_index",
         "_item",
         "_restored",
+        "_stage",
+        "_stage_names",
+        "_stages",
         "_started",
         "_status",
         "_value",
@@ -189,6 +201,11 @@ class Results(Sequence[TaskResult]):
         self._failure: dict[int, Failure] = {}
         self._duration: dict[int, float | None] = {}  # given durations unlike finished - started
         self._restored: set[int] = set()  # positions of records taken from a journal
+        # a pipeline's: per record, 1 + the position of its stage in _stage_names (0:
+        # none); and each stage's own records (see the ``stages`` property)
+        self._stage = bytearray()
+        self._stage_names: tuple[str, ...] = ()
+        self._stages: dict[str, Results] = {}
         self._worker = array("I")
         self._workers: list[tuple[str | None, int | None]] = [(None, None)]
         self._worker_codes: dict[tuple[str | None, int | None], int] = {(None, None): 0}
@@ -206,6 +223,8 @@ class Results(Sequence[TaskResult]):
                 self._duration[position] = record.duration
             if record.restored:
                 self._restored.add(position)
+            if record.stage is not None:
+                self._set_stage(position, record.stage)
 
     # -- filling (the executor's side) ---------------------------------------------
 
@@ -316,6 +335,11 @@ class Results(Sequence[TaskResult]):
         if failure is not None:
             self._failure.update(dict.fromkeys(indices, failure))
 
+    def _set_stage(self, position: int, stage: str) -> None:
+        if stage not in self._stage_names:
+            self._stage_names += (stage,)
+        self._stage[position] = 1 + self._stage_names.index(stage)
+
     def _worker_code(self, worker: str | None, pid: int | None) -> int:
         key = (worker, pid)
         code = self._worker_codes.get(key)
@@ -330,6 +354,7 @@ class Results(Sequence[TaskResult]):
             self._index.extend(range(len(self._status), size))
         self._item.extend([None] * extra)
         self._status.extend(bytes([_UNFILLED]) * extra)
+        self._stage.extend(bytes(extra))
         self._value.extend([None] * extra)
         zeros = array("I", bytes(4 * extra))
         self._worker.extend(zeros)
@@ -347,6 +372,9 @@ class Results(Sequence[TaskResult]):
         out._failure = dict(self._failure)
         out._duration = dict(self._duration)
         out._restored = set(self._restored)
+        out._stage = self._stage[:]
+        out._stage_names = self._stage_names
+        out._stages = self._stages
         out._worker = self._worker[:]
         out._workers = self._workers[:]
         out._worker_codes = dict(self._worker_codes)
@@ -367,10 +395,13 @@ class Results(Sequence[TaskResult]):
         out._index = array("q")
         out._workers = list(self._workers)
         out._worker_codes = dict(self._worker_codes)
+        out._stage_names = self._stage_names
+        out._stages = self._stages
         for position in positions:
             out._index.append(self._index_at(position))
             out._item.append(self._item[position])
             out._status.append(self._status[position])
+            out._stage.append(self._stage[position])
             out._value.append(self._value[position])
             failure = self._failure.get(position)
             if failure is not None:
@@ -411,7 +442,11 @@ class Results(Sequence[TaskResult]):
             finished=None if math.isnan(finished) else finished + self._clock,
             duration=self._duration.get(position, duration),
             restored=position in self._restored,
+            stage=self._stage_name(self._stage[position]),
         )
+
+    def _stage_name(self, code: int) -> str | None:
+        return self._stage_names[code - 1] if code else None
 
     def __len__(self) -> int:
         return len(self._status)
@@ -443,6 +478,13 @@ class Results(Sequence[TaskResult]):
     def values(self) -> list[Any]:
         """Every task's value, in input order; ``None`` where a task failed."""
         return list(self._value)
+
+    @property
+    def stages(self) -> dict[str, Results]:
+        """A pipeline's records per stage, by stage name: for every input that entered
+        the stage, its status there, worker, attempts and times (``index`` is the
+        input's; items and values are not kept). Empty for a plain run."""
+        return dict(self._stages)
 
     @property
     def errors(self) -> Results:
@@ -509,6 +551,7 @@ class Results(Sequence[TaskResult]):
                 for p, (s, f) in enumerate(zip(started, finished, strict=True))
             ],
             "restored": [p in self._restored for p in range(len(self))],
+            "stage": [self._stage_name(code) for code in self._stage],
         }
         return pandas.DataFrame(columns, columns=list(FIELDS))
 
@@ -534,10 +577,25 @@ class Results(Sequence[TaskResult]):
             for status, n in self.counts().items()
         )
         line = f"{len(self)} tasks" + (f": {counts}" if counts else "")
+        per_stage = self._failures_per_stage() if self._stage_names else ""
+        if per_stage:
+            line += f" ({per_stage})"
         if self._restored:
             line += f" ({len(self._restored)} restored from a journal)"
         wall = self.wall_time()
         return line + (f" in {wall:.2f} s" if wall is not None else "")
+
+    def _failures_per_stage(self) -> str:
+        """``"failed in fetch: 2, parse: 1"``: a pipeline's failures by stage (``""``
+        when none failed; cancelled records are not failures)."""
+        cancelled = _CODE["cancelled"]
+        per_stage = [0] * (len(self._stage_names) + 1)
+        for position in self._failure:
+            if self._status[position] != cancelled:
+                per_stage[self._stage[position]] += 1
+        names = ("", *self._stage_names)
+        counts = [f"{name}: {n}" for name, n in zip(names, per_stage, strict=True) if n and name]
+        return "failed in " + ", ".join(counts) if counts else ""
 
     def _failure_rows(self) -> list[TaskResult]:
         return [self._record(p) for p in sorted(self._failure)[:_FAILURE_ROWS]]
@@ -547,7 +605,7 @@ class Results(Sequence[TaskResult]):
         for record in self._failure_rows()[:5]:
             where = where_it_failed(record.traceback)
             lines.append(
-                f"  [{record.index}] {record.status}: {record.error_type}: {record.error}"
+                f"  [{record.index}] {_status_at(record)}: {record.error_type}: {record.error}"
                 + (f"  ({where})" if where else "")
             )
         hidden = len(self._failure) - min(len(self._failure), 5)
@@ -572,7 +630,7 @@ class Results(Sequence[TaskResult]):
                 cells = (
                     str(r.index),
                     escape(item if len(item) <= 200 else item[:199] + "…"),
-                    r.status,
+                    escape(_status_at(r)),
                     escape(f"{r.error_type}: {r.error}"),
                     _NOWRAP_CODE.format(escape(where_it_failed(r.traceback))),
                     escape(str(r.worker or "")),

@@ -50,6 +50,27 @@ class Sink(Protocol):
     def finish(self, run: Run) -> None: ...
 
 
+class RunInput(Protocol):
+    """A run's input as the dispatcher takes it; ``take`` never blocks. A ``Feeder``
+    (an iterator read on a thread of its own), a ``SequenceInput``, or a pipeline
+    stage's ``HandoffInput``."""
+
+    error: BaseException | None  # what reading the input raised, once it ended
+    starved: bool  # it waits for a larger allowance (read by map's consumer)
+
+    def take(self, count: int) -> list[Any]: ...
+
+    def buffered(self) -> int: ...
+
+    def ended(self) -> bool: ...
+
+    def grant(self, allowance: int) -> None: ...
+
+    def drain(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 PLAIN_SEQUENCES = (list, tuple, range)  # exact types: slicing them runs no user code
 
 
@@ -122,7 +143,7 @@ class Run:
     def __init__(
         self,
         fn: Callable[..., Any],
-        items: Iterator[Any] | SequenceInput,
+        items: Iterator[Any] | RunInput,
         star: bool,
         total: int | None,
         sized: bool,
@@ -152,10 +173,10 @@ class Run:
         self.retry_on = retry_on
         self.max_pending = max_pending
         self.future = future  # a submit's: it enters RUNNING when its batch is sent
-        self.input: Feeder | SequenceInput = (
-            items
-            if isinstance(items, SequenceInput)
-            else Feeder(items, on_input, f"cellpool-feeder-{self.serial}")
+        self.input: RunInput = (
+            Feeder(items, on_input, f"cellpool-feeder-{self.serial}")
+            if isinstance(items, Iterator)
+            else items
         )
         self.input.grant(max_pending)
         self.state = RunState.ACTIVE

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .figures import figures_of, summary_line
 from .kernel import current_kernel, no_events
 from .text import TextProgress, is_terminal, prompt_is_interactive
 from .workers import WorkerBoard
@@ -31,6 +32,7 @@ __all__ = [
     "make_view",
     "no_events",
     "normalize_progress",
+    "run_view",
 ]
 
 
@@ -71,8 +73,14 @@ class ViewSource:
     dashboard: str | None = None
 
 
-def make_view(progress: str, source: ViewSource, background: bool) -> View | None:
-    """The view ``progress`` asks for here, or ``None`` for no display.
+def make_view(
+    progress: str,
+    background: bool,
+    widget: Callable[[], View],
+    line: Callable[[], str],
+) -> View | None:
+    """The view ``progress`` asks for here, or ``None`` for no display: ``widget()``,
+    or a text line redrawn from ``line()``.
 
     ``"auto"`` is the widget inside a kernel, the text line when stderr is a terminal,
     and nothing otherwise. The text line of a background job started at an interactive
@@ -86,11 +94,22 @@ def make_view(progress: str, source: ViewSource, background: bool) -> View | Non
         else:
             return None
     if progress == "widget":
-        from .widget import WidgetProgress
-
-        return WidgetProgress(source, background)
+        return widget()
     if progress == "text":
         stream = sys.stderr
         quiet = background and is_terminal(stream) and prompt_is_interactive()
-        return TextProgress(source.run, source.label, stream, quiet)
+        return TextProgress(line, stream, quiet)
     return None
+
+
+def run_view(progress: str, source: ViewSource, background: bool) -> View | None:
+    """The view of one run (see ``make_view``)."""
+
+    def widget() -> View:
+        from .widget import WidgetProgress  # ipywidgets: only where a widget is shown
+
+        return WidgetProgress(source, background)
+
+    return make_view(
+        progress, background, widget, lambda: summary_line(source.label, figures_of(source.run))
+    )

@@ -129,7 +129,7 @@ def states_text(view: Compact) -> str:
     return f"{total} {noun}: " + " · ".join(parts) if parts else "no workers yet"
 
 
-def _machine_text(machine: Machine) -> str:
+def machine_text(machine: Machine) -> str:
     cpu = "-" if machine.cpu_percent is None else f"{machine.cpu_percent:.0f}%"
     return (
         f"machine CPU {cpu}, {size(machine.memory_available)} free of {size(machine.memory_total)}"
@@ -138,7 +138,7 @@ def _machine_text(machine: Machine) -> str:
 
 def workers_line_html(view: Compact, machine: Machine, dashboard: str | None = None) -> str:
     """The workers' states and the machine on one line, and dask's dashboard link."""
-    parts = [html.escape(states_text(view)), html.escape(_machine_text(machine))]
+    parts = [html.escape(states_text(view)), html.escape(machine_text(machine))]
     if dashboard:
         link = html.escape(dashboard, quote=True)
         parts.append(

@@ -22,13 +22,9 @@ import sys
 import threading
 import unicodedata
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
-from .figures import figures_of, summary_line
 from .kernel import no_events
-
-if TYPE_CHECKING:
-    from ..dispatch import Run
 
 REFRESH = 0.1  # seconds between redraws: at most ten a second
 FALLBACK_WIDTH = 80  # columns, for a stream that is no terminal
@@ -127,7 +123,7 @@ class _Claim:
 
 
 class TextProgress:
-    """Redraws the run's summary line on ``stream``.
+    """Redraws a summary line, ``line()``, on ``stream``.
 
     ``quiet``: draw nothing while the run goes on and print one line when it ends,
     without disturbing a prompt (for a background job at an interactive prompt).
@@ -135,9 +131,8 @@ class TextProgress:
 
     refresh = REFRESH
 
-    def __init__(self, run: Run, label: str, stream: TextIO, quiet: bool = False) -> None:
-        self._run = run
-        self._label = label
+    def __init__(self, line: Callable[[], str], stream: TextIO, quiet: bool = False) -> None:
+        self._summary = line
         self._stream = stream
         self._quiet = quiet
         self._tty = is_terminal(stream)
@@ -145,7 +140,7 @@ class TextProgress:
         self._ellipsis = "…" if _encodes(stream, "…") else "..."
 
     def _line(self) -> str:
-        line = printable(summary_line(self._label, figures_of(self._run)))
+        line = printable(self._summary())
         return fit(line, terminal_width(self._stream) - 1, self._ellipsis)
 
     def update(self, final: bool = False) -> None:

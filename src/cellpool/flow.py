@@ -1,0 +1,281 @@
+"""One run of a pipeline: stage runs joined by handoffs, and one record per input.
+
+Data flow, for stages 1..n (each stage's run is an ordinary ``Run`` on the stage's own
+executor, ``indexed`` so that every task carries the index of the pipeline's input)::
+
+    input --feeder--> run 1 --StageSink 1--> Handoff 1 --HandoffInput--> run 2 --> ...
+                                 |                                         |
+                                 | failed, cancelled                       | last stage:
+                                 v                                         v every record
+                              Flow.settle  <---------------------------------+
+                                 |
+                                 v
+                    the pipeline's Results, one record per input
+
+Who owns what:
+
+    feeder of stage 1     reads the pipeline's input (user code)
+    dispatcher of stage k StageSink k: writes stage k's own record of each input, hands
+                          an ok value on to Handoff k, or settles the input (a failure,
+                          a cancel, or the last stage's record); takes from Handoff k-1
+    Flow                  the one place that makes a pipeline record (``settle``): its
+                          lock guards ``results``, the counters and ``_ended``; state
+                          moves RUNNING -> CANCELLED -> DONE or RUNNING -> DONE under it
+    ``origins``           index -> (input, when stage 1 started it): set by stage 1's
+                          dispatcher when it hands a value on, popped when the input is
+                          settled; one writer and one remover per key, ordered by the
+                          handoffs, each a single dict operation
+
+The last stage run to end settles what no stage took (the handoffs' leftovers, after a
+cancel) and completes the future on a delivery thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from .handoff import Handoff, HandoffState
+from .results import _UNFILLED, Failure, Results
+from .sinks import Finished, FinishedBatch, with_results
+
+if TYPE_CHECKING:
+    from .delivery import Deliveries
+    from .runs import Run
+
+
+class FlowState(enum.Enum):
+    RUNNING = "running"  # inputs flow through the stages
+    CANCELLED = "cancelled"  # stopping: what no stage finishes is recorded cancelled
+    DONE = "done"  # every input has its record and the future is complete
+
+
+class Flow:
+    """A pipeline's run: its stages' sinks and handoffs, and the pipeline's records."""
+
+    def __init__(self, names: Sequence[str], deliveries: Deliveries, total: int | None) -> None:
+        self.names = tuple(names)
+        self.total = total
+        self.handoffs = [Handoff() for _ in self.names[1:]]
+        self.sinks = [StageSink(self, k) for k in range(len(self.names))]
+        self.runs: list[Run] = []  # the stage runs, set once all are made
+        self.cancel_runs: Callable[[], None] = lambda: None  # set with ``runs``
+        self.origins: dict[int, tuple[Any, float | None]] = {}
+        self.results = Results()
+        self.results._stage_names = self.names
+        self.future: Future[Results] = Future()
+        self.created = time.monotonic()
+        self.finished = threading.Event()
+        self.input_error: BaseException | None = None
+        self.settled: Any = None  # what recorded inputs without running them (a journal)
+        self._deliveries = deliveries
+        self._lock = threading.Lock()
+        self._state = FlowState.RUNNING
+        self._ended = 0  # stage runs that have ended
+        # the pipeline's records so far, for views: all of them, and per status
+        self.done = 0
+        self.failed = 0
+        self.cancelled_tasks = 0
+
+    @property
+    def state(self) -> FlowState:
+        return self._state
+
+    def cancel(self) -> bool:
+        """Stop every stage: running tasks are stopped, the rest recorded cancelled.
+        False if the pipeline had already ended or was cancelled."""
+        with self._lock:
+            if self._state is not FlowState.RUNNING:
+                return False
+            self._state = FlowState.CANCELLED
+        for handoff in self.handoffs:
+            handoff.cancel()
+        self.cancel_runs()
+        return True
+
+    def settle(
+        self,
+        stage: int,
+        index: int,
+        item: Any,
+        status: str,
+        value: Any,
+        failure: Failure | None,
+        worker: str | None,
+        pid: int | None,
+        attempts: int,
+        started: float | None,
+        finished: float | None,
+    ) -> None:
+        """Make the pipeline's record of input ``index``, which ends at ``stage``.
+        ``item`` and ``started`` are stage 1's; a later stage's come from ``origins``."""
+        if stage:
+            item, started = self.origins.pop(index)
+        with self._lock:
+            self.results._put(
+                index, index, item, status, value, failure, worker, pid, attempts, started, finished
+            )
+            self.results._stage[index] = stage + 1
+            self.done += 1
+            if status == "cancelled":
+                self.cancelled_tasks += 1
+            elif status != "ok":
+                self.failed += 1
+
+    def snapshot(self) -> Results:
+        """The pipeline's records made so far, in input order."""
+        with self._lock:
+            copy = self.results._copy()
+        return copy._filled()
+
+    def stage_ended(self, stage: int, run: Run) -> None:
+        """Stage ``stage``'s run has ended (on its dispatcher)."""
+        if stage == 0:
+            self.input_error = run.input_error
+        if stage < len(self.handoffs):
+            self.handoffs[stage].close()
+        if stage > 0 and self.handoffs[stage - 1].state is HandoffState.OPEN:
+            self.cancel()  # it ended before its input did (its pool broke): stop the rest
+        with self._lock:
+            self._ended += 1
+            last = self._ended == len(self.names)
+        if last:
+            self._finish()
+
+    def _finish(self) -> None:
+        for stage, handoff in enumerate(self.handoffs, start=1):
+            failure = Failure(
+                "TaskCancelled",
+                f"the pipeline was cancelled before stage {self.names[stage]!r} started it",
+            )
+            for index, _value in handoff.leftover():
+                self.settle(
+                    stage, index, None, "cancelled", None, failure, None, None, 0, None, None
+                )
+        self.results._stages = {sink.name: sink.finished_records() for sink in self.sinks}
+        with self._lock:
+            self._state = FlowState.DONE
+        if self.input_error is not None:
+            error = with_results(self.input_error, self.results)
+            self._deliveries.put(self.future.set_exception, error)
+        else:
+            self._deliveries.put(self.future.set_result, self.results)
+        self.finished.set()
+
+    def busy_seconds(self) -> list[float]:
+        """Per stage, the seconds its workers spent on tasks so far."""
+        return [sink.busy for sink in self.sinks]
+
+
+class StageSink:
+    """Where a stage run's records go: the stage's own record of each input, then the
+    next stage (an ok value) or the pipeline's record (anything else, or the last
+    stage's). Called by the stage's dispatcher only; it never blocks."""
+
+    def __init__(self, flow: Flow, stage: int) -> None:
+        self._flow = flow
+        self._stage = stage
+        self.name = flow.names[stage]
+        self._handoff = flow.handoffs[stage] if stage < len(flow.handoffs) else None
+        self.records = Results()  # this stage's records: no items, no values
+        self._lock = threading.Lock()  # around ``records``: views copy them
+        self.busy = 0.0  # seconds of task time, for the views and the bottleneck
+
+    def put(self, done: Finished) -> None:
+        task = done.task
+        with self._lock:
+            self.records._put(
+                task.index,
+                task.index,
+                None,
+                done.status,
+                None,
+                done.failure,
+                done.worker,
+                done.pid,
+                task.attempts,
+                done.started,
+                done.finished,
+            )
+        if done.started is not None and done.finished is not None:
+            self.busy += done.finished - done.started
+        if done.status == "ok" and self._handoff is not None:
+            if self._stage == 0:
+                self._flow.origins[task.index] = (task.item, done.started)
+            self._handoff.put([(task.index, done.value)])
+            return
+        self._flow.settle(
+            self._stage,
+            task.index,
+            task.item,
+            done.status,
+            done.value,
+            done.failure,
+            done.worker,
+            done.pid,
+            task.attempts,
+            done.started,
+            done.finished,
+        )
+
+    def put_many(self, done: FinishedBatch) -> None:
+        indices, count = done.indices, len(done.items)
+        with self._lock:
+            self.records._put_many(
+                indices,
+                [None] * count,
+                done.status,
+                None,
+                done.failure,
+                done.attempts,
+                done.started,
+                done.finished,
+                done.worker,
+                done.pid,
+            )
+        started = done.started or [None] * count
+        finished = done.finished or [None] * count
+        if done.started is not None and done.finished is not None:
+            self.busy += math.fsum(finished) - math.fsum(started)
+        values = done.values or [None] * count
+        if done.status == "ok" and self._handoff is not None:
+            if self._stage == 0:
+                origins = self._flow.origins
+                for k, index in enumerate(indices):
+                    origins[index] = (done.items[k], started[k])
+            self._handoff.put(zip(indices, values, strict=True))
+            return
+        attempts = done.attempts
+        for k, index in enumerate(indices):
+            self._flow.settle(
+                self._stage,
+                index,
+                done.items[k],
+                done.status,
+                values[k],
+                done.failure,
+                done.worker,
+                done.pid,
+                attempts if isinstance(attempts, int) else attempts[k],
+                started[k],
+                finished[k],
+            )
+
+    def buffered(self) -> int:
+        """Values handed on and not yet taken: they count against the run's
+        ``max_pending``, so a stage cannot run ahead of the next (see ``handoff``)."""
+        return 0 if self._handoff is None else len(self._handoff)
+
+    def finish(self, run: Run) -> None:
+        self._flow.stage_ended(self._stage, run)
+
+    def finished_records(self) -> Results:
+        """This stage's records, once its run has ended, without the gaps of inputs
+        that never reached it."""
+        records = self.records
+        return records._filled() if _UNFILLED in records._status else records
