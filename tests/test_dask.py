@@ -63,6 +63,17 @@ def not_idle(ex):
     return [row for row in ex.workers_info() if row["state"] != "idle" or row["task"] is not None]
 
 
+def test_a_pipeline_stage_runs_on_dask_between_thread_stages():
+    results = cellpool.pipeline(
+        cellpool.stage(abs, name="first"),
+        cellpool.stage(double_or_fail, kind="dask", workers=2),
+        cellpool.stage(str, name="last"),
+    ).run([-1, -2, -3, -4], progress="none")
+    assert results.values == ["2", "4", None, "8"]
+    assert (results[2].status, results[2].stage) == ("error", "double_or_fail")
+    assert {r.worker for r in results.stages["double_or_fail"]} <= {"d0", "d1"}
+
+
 def test_workers_are_idle_with_no_task_once_a_run_ends_and_between_runs():
     # The rows were published as the run ended, from the scheduler's figures of a moment
     # before (a task executing on each worker), and not again: busy, with no task, forever.

@@ -180,7 +180,12 @@ class PipelineWidget:
                 bar.value = _finished(run)
                 if final:
                     bar.bar_style = _style(run.cancelled_tasks, run.failed)
-            text = "" if final else self._stage_text(position, shares[position])
+            # at the end each bar keeps its stage's name; the figures move to the summary
+            text = (
+                f"<b>{html.escape(stage.label)}</b>"
+                if final
+                else self._stage_text(position, shares[position])
+            )
             if text != self._stage_html[position].value:
                 self._stage_html[position].value = text
         if final:
