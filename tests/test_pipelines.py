@@ -358,3 +358,53 @@ def test_the_text_line_names_each_stage_and_the_bottleneck(capsys):
         r"a -> b 20/20 \(100%\) \| 0 errors \| a 20 > 0 > b 20 \| bottleneck: b \(\d+% busy\).*",
         last,
     ), last
+
+
+# -- machine memory pressure -----------------------------------------------------------
+
+
+def test_under_memory_pressure_the_first_stage_pauses_while_the_next_drains(monkeypatch):
+    """Available memory between the stages' floors (7%: under the first stage's 10%,
+    over the second's 5%): no new input enters, what is waiting is finished."""
+    from cellpool.monitor import Machine, MachineSampler
+
+    pressure = threading.Event()
+    measure = MachineSampler.sample
+
+    def sample(self):
+        machine = measure(self)
+        if not pressure.is_set():
+            return machine
+        return Machine(machine.cpu_percent, machine.memory_total * 7 // 100, machine.memory_total)
+
+    monkeypatch.setattr(MachineSampler, "sample", sample)
+    entered, drained, gate = [], [], threading.Event()
+
+    def first(x):
+        entered.append(x)
+        return x
+
+    def second(x):
+        gate.wait(30)
+        drained.append(x)
+        return x
+
+    job = cellpool.pipeline(
+        cellpool.stage(first, kind="thread", workers=2),
+        cellpool.stage(second, kind="thread", workers=1),
+        buffer=10,
+    ).start(range(40), progress="none")
+    deadline = time.monotonic() + 30
+    while len(entered) < 10 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the first stage has run up to the buffer
+    pressure.set()
+    time.sleep(1.0)  # the monitors have seen it
+    before = len(entered)
+    gate.set()
+    while len(drained) < before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)
+    assert len(drained) >= before  # the second stage drained what was waiting
+    assert len(entered) == before  # while nothing new entered the first
+    pressure.clear()
+    assert job.result(timeout=60).values == list(range(40))
