@@ -117,6 +117,7 @@ class Flow:
         if stage:
             item, started = self.origins.pop(index)
         with self._lock:
+            self.results._reserve(index)
             self.results._put(
                 index, index, item, status, value, failure, worker, pid, attempts, started, finished
             )
@@ -157,7 +158,10 @@ class Flow:
                 self.settle(
                     stage, index, None, "cancelled", None, failure, None, None, 0, None, None
                 )
-        self.results._stages = {sink.name: sink.finished_records() for sink in self.sinks}
+        inputs = self.runs[0].next_index if self.runs else 0  # stage 1 took them all
+        with self._lock:
+            self.results._truncate(inputs)
+        self.results._stages = {sink.name: sink.finished_records(inputs) for sink in self.sinks}
         with self._lock:
             self._state = FlowState.DONE
         if self.input_error is not None:
@@ -189,6 +193,7 @@ class StageSink:
     def put(self, done: Finished) -> None:
         task = done.task
         with self._lock:
+            self.records._reserve(task.index)
             self.records._put(
                 task.index,
                 task.index,
@@ -226,6 +231,7 @@ class StageSink:
     def put_many(self, done: FinishedBatch) -> None:
         indices, count = done.indices, len(done.items)
         with self._lock:
+            self.records._reserve(max(indices))
             self.records._put_many(
                 indices,
                 [None] * count,
@@ -274,8 +280,9 @@ class StageSink:
     def finish(self, run: Run) -> None:
         self._flow.stage_ended(self._stage, run)
 
-    def finished_records(self) -> Results:
-        """This stage's records, once its run has ended, without the gaps of inputs
-        that never reached it."""
+    def finished_records(self, inputs: int) -> Results:
+        """This stage's records of the pipeline's ``inputs``, once its run has ended,
+        without the gaps of inputs that never reached it."""
         records = self.records
+        records._truncate(inputs)
         return records._filled() if _UNFILLED in records._status else records

@@ -362,6 +362,22 @@ class Results(Sequence[TaskResult]):
         self._started.extend(array("d", [_NAN]) * extra)
         self._finished.extend(array("d", [_NAN]) * extra)
 
+    def _reserve(self, position: int) -> None:
+        """Make room for ``position`` ahead of time, doubling: growing every column by
+        one per record costs more than writing the record. ``_truncate`` ends it."""
+        size = len(self._status)
+        if position >= size:
+            self._grow(max(position + 1, 2 * size, 1024))
+
+    def _truncate(self, size: int) -> None:
+        """Drop the positions from ``size`` on (room reserved and never written)."""
+        for column in (self._item, self._status, self._stage, self._value, self._worker):
+            del column[size:]
+        for column in (self._attempts, self._started, self._finished):
+            del column[size:]
+        if self._index is not None:
+            del self._index[size:]
+
     def _copy(self) -> Results:
         """A copy of every column: C-level copies, quick enough to take under a lock."""
         out = Results()
