@@ -408,3 +408,23 @@ def test_under_memory_pressure_the_first_stage_pauses_while_the_next_drains(monk
     assert len(entered) == before  # while nothing new entered the first
     pressure.clear()
     assert job.result(timeout=60).values == list(range(40))
+
+
+def fail_to_start():
+    raise RuntimeError("no such model")
+
+
+def test_a_stage_whose_pool_breaks_stops_the_pipeline_and_says_why():
+    results = cellpool.pipeline(
+        cellpool.stage(jittery_inc, kind="thread", workers=2),
+        cellpool.stage(square, kind="process", workers=1, initializer=fail_to_start),
+        buffer=8,
+    ).run(range(100), progress="none")
+    assert len(results) == 100
+    crashed = [r for r in results if r.status == "crashed"]
+    assert crashed and all(r.stage == "square" for r in crashed)
+    assert "initializer failed: RuntimeError: no such model" in crashed[0].error
+    rest = [r for r in results if r.status != "crashed"]
+    assert {r.status for r in rest} == {"cancelled"}
+    waited = [r for r in rest if r.stage == "square"]  # finished stage 1, never entered 2
+    assert waited and all("stage 'square' ended early" in r.error for r in waited)

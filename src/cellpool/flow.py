@@ -77,6 +77,7 @@ class Flow:
         self._lock = threading.Lock()
         self._state = FlowState.RUNNING
         self._ended = 0  # stage runs that have ended
+        self._why = ""  # why it was cancelled
         # the pipeline's records so far, for views: all of them, and per status
         self.done = 0
         self.failed = 0
@@ -86,13 +87,14 @@ class Flow:
     def state(self) -> FlowState:
         return self._state
 
-    def cancel(self) -> bool:
+    def cancel(self, why: str = "the pipeline was cancelled") -> bool:
         """Stop every stage: running tasks are stopped, the rest recorded cancelled.
         False if the pipeline had already ended or was cancelled."""
         with self._lock:
             if self._state is not FlowState.RUNNING:
                 return False
             self._state = FlowState.CANCELLED
+            self._why = why
         for handoff in self.handoffs:
             handoff.cancel()
         self.cancel_runs()
@@ -141,7 +143,8 @@ class Flow:
         if stage < len(self.handoffs):
             self.handoffs[stage].close()
         if stage > 0 and self.handoffs[stage - 1].state is HandoffState.OPEN:
-            self.cancel()  # it ended before its input did (its pool broke): stop the rest
+            # it ended before its input did: its pool broke, nothing more can pass it
+            self.cancel(f"the pipeline stopped: stage {self.names[stage]!r} ended early")
         with self._lock:
             self._ended += 1
             last = self._ended == len(self.names)
@@ -151,8 +154,7 @@ class Flow:
     def _finish(self) -> None:
         for stage, handoff in enumerate(self.handoffs, start=1):
             failure = Failure(
-                "TaskCancelled",
-                f"the pipeline was cancelled before stage {self.names[stage]!r} started it",
+                "TaskCancelled", f"{self._why} before stage {self.names[stage]!r} started it"
             )
             for index, _value in handoff.leftover():
                 self.settle(
