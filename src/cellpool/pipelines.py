@@ -112,7 +112,7 @@ class Pipeline:
         Never raises for a task's failure. On Ctrl-C every stage is cancelled (running
         process tasks killed) before ``KeyboardInterrupt`` propagates.
         """
-        job = self._start(iterables, progress, total, label, background=False)
+        job = self._start("run", iterables, progress, total, label, background=False)
         try:
             return job._block()
         except BaseException:
@@ -128,10 +128,11 @@ class Pipeline:
     ) -> PipelineJob:
         """Start the inputs through the stages and return a ``Job`` at once
         (``result()``, ``await``, ``cancel()``, ``partial()``)."""
-        return self._start(iterables, progress, total, label, background=True)
+        return self._start("start", iterables, progress, total, label, background=True)
 
     def _start(
         self,
+        caller: str,
         iterables: tuple[Iterable[Any], ...],
         progress: str | bool,
         total: int | None,
@@ -142,7 +143,7 @@ class Pipeline:
         total = None if total is None else check.positive_int("total", total)
         label = check.label(label) if label is not None else None
         first = self.stages[0]
-        items, star, length = Executor._inputs("run", first.fn, iterables, sliced=False)
+        items, star, length = Executor._inputs(caller, first.fn, iterables, sliced=False)
         executors = self._executors()
         try:
             flow = self._flow(executors, (enumerate(items), star, length), total)
