@@ -56,7 +56,7 @@ stage's 2 processes leave little CPU to the fetch threads and the server.
 It prints a markdown table and the targets the pipeline should meet. Run it from the
 repository root (dask comes with the dask extra; requests and psutil with cellpool)::
 
-    python benchmarks/pipelines.py          # 1,000 inputs, 5 rounds, about 1.5 minutes
+    python benchmarks/pipelines.py          # 1,000 inputs, 5 rounds, about a minute
     python benchmarks/pipelines.py --quick  # 200 inputs, 2 rounds, for smoke testing
 """
 
@@ -96,6 +96,7 @@ BODY_BYTES = (2048, 4096)  # a page's size: at least, and less than
 STEPS_ENV = "CELLPOOL_BENCH_PARSE_STEPS"  # how the calibrated step count reaches workers
 PARSE_STEPS = int(os.environ.get(STEPS_ENV) or 30_000)  # characters hashed per parse
 CALIBRATION_STEPS = 20_000
+CALIBRATION_TRIALS = 50
 QUEUE_SIZE = 64  # the asyncio variant's queues
 PARSE_IN_FLIGHT = 2 * PARSE_WORKERS  # the asyncio variant's parse tasks
 DASK_THREADS = FETCH_WORKERS // PARSE_WORKERS  # per dask worker process
@@ -523,8 +524,9 @@ def in_subprocess(name: str, n: int, port: int, env: dict[str, str]) -> Measured
 
 
 def calibrate() -> tuple[int, float]:
-    """The ``rolling_hash`` step count that takes ``PARSE_SECONDS`` here (from the best of
-    5 trials), and the median time per call it then takes over 20 pages."""
+    """The ``rolling_hash`` step count that takes ``PARSE_SECONDS`` here (the median of
+    ``CALIBRATION_TRIALS`` trials, after a warm-up of as many), and the median time per
+    call it then takes over as many pages."""
 
     def timed(text: str, steps: int) -> float:
         start = time.perf_counter()
@@ -532,9 +534,13 @@ def calibrate() -> tuple[int, float]:
         return time.perf_counter() - start
 
     text = page("/item/0").decode()
-    best = min(timed(text, CALIBRATION_STEPS) for _ in range(5))
-    steps = round(CALIBRATION_STEPS * PARSE_SECONDS / best)
-    per_call = statistics.median(timed(page(f"/item/{i}").decode(), steps) for i in range(20))
+    trials = [timed(text, CALIBRATION_STEPS) for _ in range(2 * CALIBRATION_TRIALS)]
+    steps = round(
+        CALIBRATION_STEPS * PARSE_SECONDS / statistics.median(trials[CALIBRATION_TRIALS:])
+    )
+    per_call = statistics.median(
+        timed(page(f"/item/{i}").decode(), steps) for i in range(CALIBRATION_TRIALS)
+    )
     return steps, per_call
 
 
