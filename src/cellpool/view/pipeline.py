@@ -139,7 +139,6 @@ class PipelineWidget:
 
         keep_busy_until_the_cell_ends()
         self._source = source
-        self._summary_type = Summary
         total = max(source.flow.total or 1, 1)
         self._bar = widgets.IntProgress(value=0, min=0, max=total)
         self._bar.bar_style = "info"
@@ -228,6 +227,8 @@ class PipelineWidget:
         return text
 
     def _summary_now(self) -> Any:
+        from .widget import Summary
+
         source, flow = self._source, self._source.flow
         figures = figures_of(flow)
         shares = busy_shares(source)
@@ -245,7 +246,7 @@ class PipelineWidget:
                 "(its workers were the busiest; the stages before it waited for room)</div>"
             )
         text = summary_line(source.label, figures) + (f" | bottleneck: {neck}" if neck else "")
-        return self._summary_type(text, "".join(lines))
+        return Summary(text, "".join(lines))
 
     def finish(self) -> None:
         from IPython.display import display
