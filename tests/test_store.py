@@ -190,6 +190,7 @@ def test_a_new_journal_is_made_with_its_folders_in_wal_mode(tmp_path):
         assert journal.runs() == []
     with sqlite3.connect(path) as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert connection.execute("PRAGMA page_size").fetchone() == (16384,)
         meta = dict(connection.execute("SELECT key, value FROM cellpool_meta"))
     connection.close()
     assert meta == {"schema_version": str(SCHEMA_VERSION)}

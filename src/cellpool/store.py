@@ -70,6 +70,9 @@ BUSY_TIMEOUT = 10.0  # seconds to wait for another connection's transaction
 BATCH_SECONDS = 0.1  # a record waits at most this long to be written...
 BATCH_RECORDS = 1000  # ...or until this many are waiting
 EXIT_SECONDS = 5.0  # at interpreter exit, how long writers may take to write what is queued
+# A new file's page size (SQLite's default is 4 KiB): a transaction's inserts at random
+# keys dirty fewer pages, and the WAL, checkpointed every 1,000 pages, less often.
+PAGE_SIZE = 16384
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
 _META = "cellpool_meta"
@@ -484,6 +487,7 @@ def _check_header(path: Path) -> None:
 
 def _create(connection: sqlite3.Connection) -> None:
     """Make the schema, unless another connection made it since this one looked."""
+    connection.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # a made file keeps its own
     with _transaction(connection):
         if not _tables(connection):
             for statement in _SCHEMA:
