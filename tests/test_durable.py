@@ -96,6 +96,40 @@ def test_cancelled_inputs_are_not_journaled_and_run_on_resume(journal_file, tmp_
     assert executions(tmp_path / "count") - 400 == ran_before - done <= 8
 
 
+def triple(x):
+    return x * 3
+
+
+def test_a_resumed_run_puts_each_fresh_record_between_the_restored_ones(journal_file):
+    done = [*range(0, 3000, 3), *range(5000, 6000)]  # gaps of two, then one of 2000
+    first = cellpool.run(triple, done, kind="process", journal=journal_file, progress="none")
+    assert first.values == [x * 3 for x in done]
+    resumed = cellpool.run(
+        triple, range(8000), kind="process", journal=journal_file, progress="none"
+    )
+    assert resumed.values == [x * 3 for x in range(8000)]
+    assert [record.index for record in resumed] == list(range(8000))
+    assert [x for x in range(8000) if resumed[x].restored] == sorted(done)
+    assert all(record.worker is not None for record in resumed)
+    with Journal(journal_file) as journal:
+        (row,) = journal.runs()
+        assert (row["total"], row["ok"]) == (8000, 8000)
+        assert sorted(journal.load("triple").values) == [x * 3 for x in range(8000)]
+
+
+def test_a_journal_that_holds_the_input_back_lets_it_go_as_soon_as_it_has_written(
+    journal_file,
+):
+    started = time.monotonic()
+    results = cellpool.run(
+        abs, range(30_000), journal=journal_file, max_pending=1000, progress="none"
+    )
+    # the backlog fills max_pending about 30 times: the dispatcher hears of each write at
+    # once, not at its next tick (0.1 s, 3 s in all)
+    assert time.monotonic() - started < 1.5
+    assert results.counts() == {"ok": 30_000}
+
+
 def test_keys_come_from_key_and_a_key_that_fails_costs_one_record(journal_file):
     pages = [{"url": f"u{i}", "seen": time.time()} for i in range(6)] + [{"no url": 1}]
     first = cellpool.run(

@@ -142,6 +142,22 @@ def test_stable_key_differs_for_different_items():
     assert stable_key([1, {2, 3}]) == stable_key([1, {3, 2}])
 
 
+def test_stable_key_of_plain_values_is_the_key_earlier_versions_made():
+    # journals written before plain values took a shorter way must resume
+    assert [stable_key(item) for item in (0, 143, -5, 1.5, "é\x8f", b"\x91", None)] == [
+        "ac375f362546dc23dce573cc871c9d61",
+        "f555e67dcb942b6280d81c4536f891cf",  # 143 pickles to a byte of a set's opcode
+        "af003631ead2945cf7ba7a09fa160022",
+        "8734d508543f564f241e21dd48f44802",
+        "8164fdbc49fa3a53099b359ea64e7b87",
+        "2271eb5074b21b58f171a4f6a5fe7f6a",
+        "a0b0f31e42c9d3ebbfba5c1dc80c98aa",
+    ]
+    assert stable_key(True) == "d0403fbf3e3a7574f9bd6d6ec1b6bedd"
+    assert stable_key((1, "a", 2.0)) == "000ddd2e1a4b198d6a5e41703a402c5a"
+    assert stable_key(("x", (1, 2))) == "e7e145c4b0acb2165617bd44b3e9bcc7"
+
+
 def test_stable_key_pickles_what_pickle_refuses_with_cloudpickle():
     square = lambda x: x * x  # noqa: E731
     assert stable_key(square) == stable_key(square)
@@ -174,6 +190,7 @@ def test_a_new_journal_is_made_with_its_folders_in_wal_mode(tmp_path):
         assert journal.runs() == []
     with sqlite3.connect(path) as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert connection.execute("PRAGMA page_size").fetchone() == (16384,)
         meta = dict(connection.execute("SELECT key, value FROM cellpool_meta"))
     connection.close()
     assert meta == {"schema_version": str(SCHEMA_VERSION)}
@@ -417,6 +434,74 @@ def test_a_record_that_cannot_be_unpickled_reads_as_an_error(journal, path):
         "the value could not be loaded from the journal: No module named 'no_such_module'"
     )
     assert journal.load("r").exceptions()[0].__class__ is pickle.UnpicklingError
+
+
+class Local:
+    """A class a notebook defines: pickle names it in ``__main__``."""
+
+    def __init__(self, n):
+        self.n = n
+
+
+def test_write_many_writes_a_batch_of_records_with_their_own_fields(journal, monkeypatch):
+    monkeypatch.setattr(Local, "__module__", "__main__")
+    monkeypatch.setattr(sys.modules["__main__"], "Local", Local, raising=False)
+    run = journal.begin("r", "f", "code")
+    nan = float("nan")
+    run.write_many(
+        ["a", "b", "c"], range(3), [10, 11, 12], "ok", [0, Local(2), None], None, None, None,
+        "p1", 7, [1, 2, 1], [1.0, nan, 3.0], [1.5, nan, 3.5], 100.0,
+    )  # fmt: skip
+    run.write_many(
+        ["d", "e"], [4, 6], [14, 16], "ok", [threading.Lock(), 5], None, None, None,
+        "p1", 7, 1, None, None,
+    )  # fmt: skip
+    run.write_many(
+        ["f"], [8], [18], "timeout", None, "TaskTimeout", "too long", None, "p2", 8, 2,
+        None, None,
+    )  # fmt: skip
+    run.close()
+    monkeypatch.delattr(sys.modules["__main__"], "Local")  # a later kernel has none
+    stored = run.stored()
+    assert stored["a"] == StoredRecord(
+        "a", 0, 10, "ok", 0, None, None, None, "p1", 7, 1, 101.0, 101.5
+    )
+    assert stored["b"].value.n == 2  # pickled by value
+    assert (stored["b"].attempts, stored["b"].started, stored["b"].finished) == (2, None, None)
+    assert stored["c"].value is None and stored["c"].status == "ok"
+    bad = stored["d"]
+    assert (bad.status, bad.error_type, bad.index) == ("error", "PicklingError", 4)
+    assert bad.error.startswith("the value could not be saved in the journal")
+    assert stored["e"].value == 5
+    assert stored["f"] == StoredRecord(
+        "f", 8, 18, "timeout", None, "TaskTimeout", "too long", None, "p2", 8, 2, None, None
+    )
+    assert journal.runs()[0]["ok"] == 4
+
+
+def test_records_written_one_by_one_and_in_batches_keep_their_order(journal):
+    run = journal.begin("r", "f", "code")
+    write(run, record(0, "error"), key="k")
+    run.write_many(
+        ["k", "j"], [0, 1], [0, 1], "ok", [5, 6], None, None, None, "p", 1, 1, None, None
+    )
+    write(run, record(1, "timeout"), key="j")
+    run.close()
+    stored = run.stored()
+    assert (stored["k"].status, stored["k"].value) == ("ok", 5)
+    assert stored["j"].status == "timeout"
+
+
+def test_the_writer_says_when_it_takes_records_and_close_waits_for_them(journal):
+    run = journal.begin("r", "f", "code")
+    called = []
+    run.on_taken(lambda: called.append((threading.current_thread().name, run.pending())))
+    run.write_many(
+        ["a", "b"], [0, 1], [0, 1], "ok", [0, 1], None, None, None, "p", 1, 1, None, None
+    )
+    run.close()
+    assert called == [("cellpool-journal", 0)]
+    assert len(run.stored()) == 2  # written when close returns
 
 
 class Spy:

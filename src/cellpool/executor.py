@@ -393,7 +393,8 @@ class Executor(futures.Executor):
         is recorded from it, the rest runs (see ``journaled.py``)."""
         items, star, total = inputs
         journal_run, stored = open_run(opts["journal"], fn, opts["journal_keep_code"])
-        sink = JournalSink(self._dispatcher.deliveries, journal_run)
+        dispatcher = self._dispatcher
+        sink = JournalSink(dispatcher.deliveries, journal_run, lambda: dispatcher.post(Wake()))
         sink.input = JournaledInput(items, opts["key"], stored, opts["rerun"], sink)
         return sink, (iter(sink.input), star, total)
 

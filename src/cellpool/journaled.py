@@ -9,10 +9,12 @@ The pieces, and which thread owns what::
                          owns ``restored`` and ``failed``
     dispatcher           JournalSink.put/put_many: each finished record goes to the
                          Results and is queued for the journal with the key it takes
-                         from ``keys`` (``JournalRun.write`` never blocks and pickles
+                         from ``keys``, a batch's records as one entry
+                         (``JournalRun.write``/``write_many`` never block and pickle
                          nothing on this thread); the journal's backlog counts against
                          the run's ``max_pending``, so the input waits for the disk
-    journal writer       pickles and writes records in short transactions (store.py)
+    journal writer       pickles and writes records in short transactions (store.py),
+                         and wakes the dispatcher as it takes them (the backlog shrank)
     delivery thread      flushes the journal, then completes the run's future
 
 Indices stay the input's: a restored input keeps its place in the ``Results``, and a
@@ -26,7 +28,7 @@ import marshal
 import math
 import os
 import types
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .results import Failure
@@ -160,10 +162,12 @@ class JournalSink(RecordSink):
     """A ``RecordSink`` that also queues each finished record for the journal; the
     journal is flushed before the run's future completes."""
 
-    def __init__(self, deliveries: Deliveries, run: JournalRun) -> None:
+    def __init__(self, deliveries: Deliveries, run: JournalRun, wake: Callable[[], None]) -> None:
         super().__init__(deliveries)
         self.journal_run = run
         self.input: JournaledInput | None = None  # set before the run starts
+        # the dispatcher grants more input once the journal's backlog shrinks
+        run.on_taken(wake)
 
     def restore(self, index: int, item: Any, record: StoredRecord) -> None:
         """Put a record from the journal in its input's place (feeder thread)."""
@@ -176,31 +180,20 @@ class JournalSink(RecordSink):
         self._write(done)
 
     def put_many(self, done: FinishedBatch) -> None:
+        done = done._replace(indices=_as_range(done.indices))
         super().put_many(done)
+        if self.input is None:
+            return
+        pop = self.input.keys.pop
+        keys = [pop(index, None) for index in done.indices]
         if done.status == "cancelled":
             return  # not done: it runs again next time
-        attempts, values, started, finished = (
-            done.attempts,
-            done.values,
-            done.started,
-            done.finished,
-        )
-        for k, index in enumerate(done.indices):
-            task = Task(
-                index, done.items[k], attempts if isinstance(attempts, int) else attempts[k]
-            )
-            self._write(
-                Finished(
-                    task,
-                    done.status,
-                    None if values is None else values[k],
-                    done.failure,
-                    done.worker,
-                    done.pid,
-                    None if started is None else started[k],
-                    None if finished is None else finished[k],
-                )
-            )
+        error = _NO_FAILURE if done.failure is None else done.failure[:3]
+        self.journal_run.write_many(
+            keys, done.indices, done.items, done.status, done.values, *error,
+            done.worker, done.pid, done.attempts, done.started, done.finished,
+            self.results._clock,
+        )  # fmt: skip
 
     def _write(self, done: Finished) -> None:
         """Queue a record for the journal, unless it is cancelled (it runs next time)."""
@@ -237,6 +230,14 @@ class JournalSink(RecordSink):
                 self.future.set_result(self.results)
 
         self._deliveries.put(flush_then_complete)
+
+
+def _as_range(indices: Sequence[int]) -> Sequence[int]:
+    """A batch's increasing indices (a list: restored inputs leave gaps), as a range if
+    they are consecutive, whose records ``Results`` takes in slices, not one by one."""
+    if isinstance(indices, range) or not indices or indices[-1] - indices[0] >= len(indices):
+        return indices
+    return range(indices[0], indices[-1] + 1)
 
 
 def _on_clock(seconds: float | None, offset: float) -> float | None:

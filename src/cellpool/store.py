@@ -14,16 +14,21 @@ Threads, and what each owns::
     any thread        JournalRun.stored a connection of its own, opened and closed in
                                         the call
     dispatcher        JournalRun.write  puts a tuple of the record's fields on the run's
-                                        queue: never blocks, never pickles
-    any thread        JournalRun.close  puts the stop mark; waits for the writer unless
-                                        timeout=0 (then it never blocks)
+                      (write_many)      queue (of a batch's records, one ``_Records``):
+                                        never blocks, never pickles
+    any thread        JournalRun.close  puts the stop mark; waits for the writer to write
+                                        what is queued unless timeout=0 (then it never
+                                        blocks)
     writer (per run)  _Writer           its own connection and the batch in hand; takes
-                                        from the queue, pickles items and values, writes
-                                        each batch in one short transaction
+                                        from the queue (and calls ``on_taken``), pickles
+                                        items and values, writes each batch in one short
+                                        transaction; sets ``written`` at the end
 
 A JournalRun uses nothing of its Journal's: it goes on after ``Journal.close()``. The
-queue is a ``SimpleQueue``: any thread puts, only the writer takes. ``_Writer.failed``
-is written by the writer thread alone; ``JournalRun._closed`` by ``close`` alone.
+queue is a ``SimpleQueue``: any thread puts, only the writer takes. ``_Writer.queued``
+counts the records put, under its ``lock``; ``_Writer.taken``, those taken, and
+``_Writer.failed`` are written by the writer thread alone; ``JournalRun._closed`` by
+``close`` alone.
 
 Several processes (kernels) may use one file at once: in WAL mode readers never wait
 for the writer, and every write transaction begins IMMEDIATE, so it waits (up to
@@ -41,19 +46,20 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import itertools
+import math
 import os
 import pickle
 import queue
 import sqlite3
 import threading
 import time
-import urllib.request
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 import cloudpickle
 
@@ -64,6 +70,9 @@ BUSY_TIMEOUT = 10.0  # seconds to wait for another connection's transaction
 BATCH_SECONDS = 0.1  # a record waits at most this long to be written...
 BATCH_RECORDS = 1000  # ...or until this many are waiting
 EXIT_SECONDS = 5.0  # at interpreter exit, how long writers may take to write what is queued
+# A new file's page size (SQLite's default is 4 KiB): a transaction's inserts at random
+# keys dirty fewer pages, and the WAL, checkpointed every 1,000 pages, less often.
+PAGE_SIZE = 16384
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
 _META = "cellpool_meta"
@@ -99,15 +108,24 @@ _SCHEMA = (
 )
 _COLUMNS = "key, idx, item, status, value, error_type, error, traceback, worker, pid, attempts"
 _SELECT = f"SELECT {_COLUMNS}, started, finished FROM records WHERE run = ?"
-_UPSERT = (
-    f"INSERT INTO records (run, {_COLUMNS}, started, finished)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    " ON CONFLICT (run, key) DO UPDATE SET"
-    " idx = excluded.idx, item = excluded.item, status = excluded.status,"
-    " value = excluded.value, error_type = excluded.error_type, error = excluded.error,"
-    " traceback = excluded.traceback, worker = excluded.worker, pid = excluded.pid,"
-    " attempts = excluded.attempts, started = excluded.started, finished = excluded.finished"
-)
+
+
+def _upsert(values: str) -> str:
+    return (
+        f"INSERT INTO records (run, {_COLUMNS}, started, finished) VALUES ({values})"
+        " ON CONFLICT (run, key) DO UPDATE SET"
+        " idx = excluded.idx, item = excluded.item, status = excluded.status,"
+        " value = excluded.value, error_type = excluded.error_type, error = excluded.error,"
+        " traceback = excluded.traceback, worker = excluded.worker, pid = excluded.pid,"
+        " attempts = excluded.attempts, started = excluded.started, finished = excluded.finished"
+    )
+
+
+_UPSERT = _upsert(", ".join(["?"] * 14))
+# Records without an error: sqlite3 binds None (and bytes) only after looking for an
+# adapter, a good part of a row's cost, so their NULLs are written in the statement.
+_UPSERT_NO_ERROR = _upsert("?, ?, ?, ?, ?, ?, NULL, NULL, NULL, ?, ?, ?, ?, ?")
+
 _COUNTS = ", ".join(f"coalesce(sum(records.status = '{s}'), 0)" for s in STATUSES)
 _RUNS = (
     "SELECT runs.name, runs.version, runs.function, runs.started, runs.updated,"
@@ -121,6 +139,10 @@ class JournalError(ValueError):
 
 
 # -- keys ------------------------------------------------------------------------------
+
+
+# Types whose pickle holds no set and never fails, so it is their key's as it is
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 
 
 class _SortedSets:
@@ -153,6 +175,9 @@ def _one_line(error: BaseException) -> str:
 
 
 def _key_bytes(item: Any) -> bytes:
+    kind = type(item)
+    if kind in _PLAIN or (kind is tuple and all(type(part) in _PLAIN for part in item)):
+        return pickle.dumps(item, protocol=5)  # the common case, in half the time
     try:
         data, pickler = pickle.dumps(item, protocol=5), _KeyPickler
     except Exception:
@@ -267,10 +292,12 @@ def _dumps(obj: Any) -> bytes | None:
     return cloudpickle.dumps(obj, protocol=5) if b"__main__" in data else data
 
 
-def _pickled(what: str, obj: Any) -> tuple[bytes | None, str | None]:
+def _pickled(
+    what: str, obj: Any, dumps: Callable[[Any], bytes | None] = _dumps
+) -> tuple[bytes | None, str | None]:
     """``obj`` pickled, or ``None`` and why it could not be."""
     try:
-        return _dumps(obj), None
+        return dumps(obj), None
     except Exception as exc:
         return None, f"the {what} could not be saved in the journal: {_one_line(exc)}"
 
@@ -284,10 +311,116 @@ def _row(run: int, record: tuple[Any, ...]) -> tuple[Any, ...]:
     key, index, item, status, value, error_type, error, traceback, *rest = record
     value, value_failure = _pickled("value", value)
     item, item_failure = _pickled("item", item)
+    row = (run, key, index, item, status, value, error_type, error, traceback, *rest)
     failure = value_failure or item_failure
-    if failure and status == "ok":
-        status, error_type, error, traceback = "error", "PicklingError", failure, None
-    return (run, key, index, item, status, value, error_type, error, traceback, *rest)
+    return _as_error(row, failure) if failure and status == "ok" else row
+
+
+def _as_error(row: tuple[Any, ...], why: str) -> tuple[Any, ...]:
+    """An ok row of ``_UPSERT`` whose item or value could not be pickled, as an error."""
+    return (*row[:4], "error", row[5], "PicklingError", why, None, *row[9:])
+
+
+class _Records(NamedTuple):
+    """Records queued by ``JournalRun.write_many``, field by field."""
+
+    keys: Sequence[str]
+    indices: Sequence[int]
+    items: Sequence[Any]
+    status: str
+    values: Sequence[Any] | None
+    error_type: str | None
+    error: str | None
+    traceback: str | None
+    worker: str | None
+    pid: int | None
+    attempts: int | Sequence[int]
+    started: Sequence[float] | None
+    finished: Sequence[float] | None
+    offset: float
+
+
+def _rows(run: int, records: _Records) -> tuple[str, list[tuple[Any, ...]]]:
+    """Records from ``JournalRun.write_many`` as rows, items and values pickled, and the
+    statement that writes them; pickling failures as in ``_row``."""
+    count = len(records.keys)
+
+    def each(value: Any) -> Iterable[Any]:
+        return itertools.repeat(value, count)
+
+    items, failures = _pickled_all("item", records.items)
+    if records.values is None:
+        values: Iterable[Any] = each(None)
+    else:
+        values, value_failures = _pickled_all("value", records.values)
+        failures.update(value_failures)  # the value's reason wins, as in _row
+    attempts = records.attempts
+    head = (each(run), records.keys, records.indices, items, each(records.status), values)
+    tail = (
+        each(records.worker),
+        each(records.pid),
+        each(attempts) if isinstance(attempts, int) else attempts,
+        _epoch(records.started, records.offset, count),
+        _epoch(records.finished, records.offset, count),
+    )
+    if records.error_type is None and not failures:
+        return _UPSERT_NO_ERROR, list(zip(*head, *tail, strict=True))
+    error = map(each, (records.error_type, records.error, records.traceback))
+    rows = list(zip(*head, *error, *tail, strict=True))
+    if records.status == "ok":
+        for position, why in failures.items():
+            rows[position] = _as_error(rows[position], why)
+    return _UPSERT, rows
+
+
+def _pickled_all(what: str, objs: Sequence[Any]) -> tuple[list[bytearray | None], dict[int, str]]:
+    """``objs`` pickled as ``_dumps`` pickles each, and why (by position) any could not be.
+
+    As bytearrays: sqlite3 binds those at once, bytes only after looking for an adapter.
+    """
+    try:
+        blobs = [None if obj is None else pickle.dumps(obj, protocol=5) for obj in objs]
+    except Exception:  # one cannot be: each on its own
+        pairs = [_pickled(what, obj) for obj in objs]
+        blobs = [blob for blob, _ in pairs]
+        failures = {k: why for k, (_, why) in enumerate(pairs) if why}
+    else:
+        failures = {}
+        # One search of them all: a match across two pickles only costs a look at each.
+        if b"__main__" in b"".join(filter(None, blobs)):
+            for k, blob in enumerate(blobs):
+                if blob is not None and b"__main__" in blob:
+                    blobs[k], why = _pickled(what, objs[k], _by_value)
+                    if why is not None:
+                        failures[k] = why
+    return [None if blob is None else bytearray(blob) for blob in blobs], failures
+
+
+def _by_value(obj: Any) -> bytes:
+    return cloudpickle.dumps(obj, protocol=5)
+
+
+def _epoch(times: Sequence[float] | None, offset: float, count: int) -> Iterable[float | None]:
+    """Times on a clock ``offset`` seconds behind the epoch as epoch seconds (NaN: none)."""
+    if times is None:
+        return itertools.repeat(None, count)
+    return [None if math.isnan(seconds) else seconds + offset for seconds in times]
+
+
+def _statements(run: int, taken: list[Any]) -> list[tuple[str, list[tuple[Any, ...]]]]:
+    """What the writer took, in order, as statements and their rows: consecutive rows
+    of one statement go together, so single records cost one ``executemany``."""
+    statements: list[tuple[str, list[tuple[Any, ...]]]] = []
+    for entry in taken:
+        if isinstance(entry, _Records):
+            statement, rows = _rows(run, entry)
+        else:
+            statement, rows = _UPSERT, [_row(run, entry)]
+        if statements and statements[-1][0] == statement:
+            statements[-1][1].extend(rows)
+        else:
+            statements.append((statement, rows))
+    return statements
 
 
 # -- the file --------------------------------------------------------------------------
@@ -296,7 +429,7 @@ def _row(run: int, record: tuple[Any, ...]) -> tuple[Any, ...]:
 def _connect(path: Path, create: bool) -> sqlite3.Connection:
     """A connection to ``path``; it makes the file only if ``create``."""
     mode = "rwc" if create else "rw"
-    uri = f"file:{urllib.request.pathname2url(str(path))}?mode={mode}"
+    uri = f"{path.as_uri()}?mode={mode}"
     return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT, isolation_level=None)
 
 
@@ -354,6 +487,7 @@ def _check_header(path: Path) -> None:
 
 def _create(connection: sqlite3.Connection) -> None:
     """Make the schema, unless another connection made it since this one looked."""
+    connection.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # a made file keeps its own
     with _transaction(connection):
         if not _tables(connection):
             for statement in _SCHEMA:
@@ -433,11 +567,24 @@ class _Writer:
     def __init__(self, path: Path, identity: tuple[int, int], label: str, run: int) -> None:
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.failed = False  # it writes nothing more
+        self.queued = 0  # records put on the queue (under ``lock``, by any thread)
+        self.taken = 0  # records taken from it (by the writer thread)
+        self.lock = threading.Lock()
+        self.on_taken: Callable[[], None] = lambda: None
+        # set once the records are written: what is left is closing the connection,
+        # whose checkpoint (the last connection's) waits for the disk
+        self.written = threading.Event()
         self._path = path
         self._identity = identity  # the file the Journal opened
         self._label = label
         self._run = run
         self.thread = threading.Thread(target=self._serve, name="cellpool-journal", daemon=True)
+
+    def put(self, entry: tuple[Any, ...], count: int) -> None:
+        """Queue a record, or ``count`` records (``_Records``), for the thread (never blocks)."""
+        with self.lock:
+            self.queued += count
+        self.queue.put(entry)
 
     def stop(self) -> None:
         """Have the thread write what is queued, then end (never blocks)."""
@@ -452,37 +599,45 @@ class _Writer:
             self._fail(exc)
         try:
             while True:
-                records, stop = self._take()
-                if records and not self.failed:
-                    self._save(connection, records)
-                del records  # hold no user object while waiting
+                taken, stop = self._take()
+                if taken:
+                    self.on_taken()
+                if taken and not self.failed:
+                    self._save(connection, taken)
+                del taken  # hold no user object while waiting
                 if stop:
                     return
         finally:
+            self.written.set()
             if connection is not None:
                 connection.close()
 
-    def _take(self) -> tuple[list[tuple[Any, ...]], bool]:
-        """The next batch: what comes within ``BATCH_SECONDS`` of its first record, at
-        most ``BATCH_RECORDS``; and whether the stop mark came."""
+    def _take(self) -> tuple[list[Any], bool]:
+        """The next records to write (tuples of one record's fields, and ``_Records``):
+        what comes within ``BATCH_SECONDS`` of the first, until ``BATCH_RECORDS`` are
+        taken; and whether the stop mark came."""
         first = self.queue.get()
         if first is _STOP:
             return [], True
-        records = [first]
+        taken, count = [first], _count(first)
         deadline = time.monotonic() + BATCH_SECONDS
-        while len(records) < BATCH_RECORDS:
+        stop = False
+        while count < BATCH_RECORDS:
             try:
-                record = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                entry = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            if record is _STOP:
-                return records, True
-            records.append(record)
-        return records, False
+            if entry is _STOP:
+                stop = True
+                break
+            taken.append(entry)
+            count += _count(entry)
+        self.taken += count
+        return taken, stop
 
-    def _save(self, connection: sqlite3.Connection, records: list[tuple[Any, ...]]) -> None:
+    def _save(self, connection: sqlite3.Connection, taken: list[Any]) -> None:
         try:
-            rows = [_row(self._run, record) for record in records]  # before taking the lock
+            statements = _statements(self._run, taken)  # before taking the lock
             self._check_file()
             with _transaction(connection):
                 updated = connection.execute(
@@ -490,7 +645,8 @@ class _Writer:
                 )
                 if updated.rowcount == 0:
                     raise _Unwritable("the run was forgotten")
-                connection.executemany(_UPSERT, rows)
+                for statement, rows in statements:
+                    connection.executemany(statement, rows)
         except Exception as exc:
             self._fail(exc)
 
@@ -511,6 +667,10 @@ class _Writer:
             RuntimeWarning,
             stacklevel=1,
         )
+
+
+def _count(entry: Any) -> int:
+    return len(entry.keys) if isinstance(entry, _Records) else 1
 
 
 _writers: weakref.WeakSet[_Writer] = weakref.WeakSet()
@@ -564,7 +724,6 @@ class JournalRun(_Closes):
         self._run = run
         self._closed = False
         self._writer = _Writer(journal.path, journal._identity, f"run {name!r} v{version}", run)
-        self._put = self._writer.queue.put
         # A run dropped without close() still has its records written.
         self._finalizer = weakref.finalize(self, self._writer.stop)
         _writers.add(self._writer)
@@ -574,9 +733,14 @@ class JournalRun(_Closes):
         return f"JournalRun({self.name!r}, version={self.version}, path={str(self.path)!r})"
 
     def pending(self) -> int:
-        """Records queued and not yet written (approximate: another thread may be
-        adding or writing)."""
-        return self._writer.queue.qsize()
+        """Records queued and not yet taken to be written (approximate: another thread
+        may be adding or writing)."""
+        return self._writer.queued - self._writer.taken
+
+    def on_taken(self, callback: Callable[[], None]) -> None:
+        """Have the writer thread call ``callback`` (which must not block) whenever it
+        takes records off the queue, so ``pending()`` dropped."""
+        self._writer.on_taken = callback
 
     def stored(self) -> dict[str, StoredRecord]:
         """Input key -> record, as the file holds them now (records still queued are not
@@ -615,17 +779,49 @@ class JournalRun(_Closes):
         """
         if not self._closed:
             record = (key, index, item, status, value, error_type, error, traceback)
-            self._put((*record, worker, pid, attempts, started, finished))
+            self._writer.put((*record, worker, pid, attempts, started, finished), 1)
+
+    def write_many(
+        self,
+        keys: Sequence[str],
+        indices: Sequence[int],
+        items: Sequence[Any],
+        status: str,
+        values: Sequence[Any] | None,
+        error_type: str | None,
+        error: str | None,
+        traceback: str | None,
+        worker: str | None,
+        pid: int | None,
+        attempts: int | Sequence[int],
+        started: Sequence[float] | None,
+        finished: Sequence[float] | None,
+        offset: float = 0.0,
+    ) -> None:
+        """Queue records of one status and failure, as ``write`` queues one, in one step.
+
+        ``keys``, ``indices`` and ``items`` hold a field of each record, and so do
+        ``values``, ``started`` and ``finished``, or are ``None`` for none; ``attempts``
+        too, or is one count for all. Times are on a clock ``offset`` seconds behind the
+        epoch; a NaN time is none. The sequences must not change once queued.
+        """
+        if not self._closed:
+            records = _Records(
+                keys, indices, items, status, values, error_type, error, traceback,
+                worker, pid, attempts, started, finished, offset,
+            )  # fmt: skip
+            self._writer.put(records, len(keys))
 
     def close(self, timeout: float | None = None) -> None:
-        """Write what is queued, stop the writer thread and close its connection.
+        """Write what is queued, then stop the writer thread and close its connection.
 
-        Waits at most ``timeout`` seconds; the thread finishes the writing after that.
+        Waits at most ``timeout`` seconds for the records to be written; the thread
+        finishes the writing after that, and closes its connection on its own.
         ``close(timeout=0)`` never blocks (the dispatcher may call it when a run ends).
         """
         self._closed = True
         self._finalizer()  # the stop mark, put once
-        self._writer.thread.join(timeout)
+        self._writer.written.wait(timeout)
 
 
 _RUN_COLUMNS = ("name", "version", "function", "started", "updated", "total", *STATUSES)
