@@ -5,8 +5,11 @@ its timeout, a cancel in the middle, an input that raises."""
 from __future__ import annotations
 
 import ctypes
+import os
 import random
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -428,3 +431,120 @@ def test_a_stage_whose_pool_breaks_stops_the_pipeline_and_says_why():
     assert {r.status for r in rest} == {"cancelled"}
     waited = [r for r in rest if r.stage == "square"]  # finished stage 1, never entered 2
     assert waited and all("stage 'square' ended early" in r.error for r in waited)
+
+
+# -- journaled pipelines ---------------------------------------------------------------
+
+
+def test_a_journaled_pipeline_cancelled_half_way_runs_only_what_is_left(tmp_path):
+    journal = tmp_path / "crawl.db"
+    calls = {"fetch": [], "parse": []}
+
+    def fetch(x):
+        calls["fetch"].append(x)
+        time.sleep(0.005)
+        return x * 2
+
+    def parse(x):
+        calls["parse"].append(x)
+        if x == 14:
+            raise ValueError("fourteen")
+        return x + 1
+
+    pipe = cellpool.pipeline(
+        cellpool.stage(fetch, workers=4), cellpool.stage(parse, workers=2), buffer=8
+    )
+    job = pipe.start(range(300), journal=journal, progress="none")
+    deadline = time.monotonic() + 30
+    while len(job.partial()) < 60 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    job.cancel()
+    first = job.result(timeout=60)
+    done_before = {r.index for r in first if r.status == "ok"}
+    assert 0 < len(done_before) < 300 and first.counts()["cancelled"] > 0
+    assert first[7].status == "error" and first[7].stage == "parse"
+
+    calls["fetch"].clear()
+    second = pipe.run(range(300), journal=journal, progress="none")
+    assert sorted(calls["fetch"]) == [x for x in range(300) if x not in done_before]
+    assert {r.index for r in second if r.restored} == done_before
+    assert [r.value for r in second if r.index != 7] == [2 * x + 1 for x in range(300) if x != 7]
+    assert second[7].status == "error" and not second[7].restored  # failures run again
+    assert "restored from a journal" in second.summary()
+    with cellpool.Journal(journal) as store:
+        (row,) = store.runs()
+    assert row["name"] == "fetch -> parse" and row["ok"] == 299 and row["error"] == 1
+
+
+def test_a_changed_stage_starts_a_new_version_of_a_journaled_pipeline(tmp_path):
+    journal = tmp_path / "crawl.db"
+    cellpool.pipeline(square, jittery_inc).run(range(5), journal=journal, progress="none")
+
+    def changed(x):
+        return x - 1
+
+    changed.__name__ = "jittery_inc"  # same stage name, other code
+    with pytest.warns(UserWarning, match="function changed; starting version 2"):
+        again = cellpool.pipeline(square, changed).run(range(5), journal=journal, progress="none")
+    assert again.values == [x * x - 1 for x in range(5)]
+    assert not any(r.restored for r in again)
+
+
+KILLED_PIPELINE = """
+import os, sys, time
+import cellpool
+
+def fetch(x):
+    time.sleep(0.01)
+    return x * 2
+
+def parse(x):
+    with open(sys.argv[2], "ab") as count:  # one byte per execution, outside the journal
+        count.write(b".")
+    return x + 1
+
+if __name__ == "__main__":
+    pipe = cellpool.pipeline(
+        cellpool.stage(fetch, kind="thread", workers=8),
+        cellpool.stage(parse, kind="process", workers=2),
+    )
+    job = pipe.start(range(600), journal=sys.argv[1], progress="none")
+    while len(job.partial()) < 150:
+        time.sleep(0.01)
+    os._exit(1)  # the kernel dies: no shutdown, no flush
+"""
+
+
+def test_a_journaled_pipeline_whose_process_died_resumes_from_what_was_journaled(tmp_path):
+    script, journal, count = tmp_path / "killed.py", tmp_path / "crawl.db", tmp_path / "count"
+    script.write_text(KILLED_PIPELINE)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    subprocess.run(
+        [sys.executable, str(script), str(journal), str(count)], env=env, timeout=120, check=False
+    )
+    with cellpool.Journal(journal) as store:
+        (row,) = store.runs()
+    ran_before = count.stat().st_size
+    assert 0 < row["ok"] < 600
+    # what ran and was not committed runs again: a commit is due every 100 ms
+    assert ran_before - row["ok"] <= 150
+
+    def fetch(x):
+        return x * 2
+
+    def parse(x):
+        return x + 1
+
+    resumed = cellpool.pipeline(fetch, parse).run(
+        range(600), journal=journal, journal_keep_code=True, progress="none"
+    )
+    assert resumed.values == [2 * x + 1 for x in range(600)]
+    assert sum(r.restored for r in resumed) == row["ok"]
+
+
+def test_a_journaled_pipeline_keeps_its_journal_on_the_callers_side_of_a_bad_file(tmp_path):
+    bad = tmp_path / "notes.db"
+    bad.write_text("not a database")
+    with pytest.raises(ValueError, match="not a cellpool journal"):
+        cellpool.pipeline(square).run(range(3), journal=bad, progress="none")
+    assert bad.read_text() == "not a database"

@@ -41,12 +41,14 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from .handoff import Handoff, HandoffState
+from .journaled import JournaledInput, write_record
 from .results import _UNFILLED, Failure, Results
 from .sinks import Finished, FinishedBatch, with_results
 
 if TYPE_CHECKING:
     from .delivery import Deliveries
     from .runs import Run
+    from .store import JournalRun, StoredRecord
 
 
 class FlowState(enum.Enum):
@@ -58,9 +60,9 @@ class FlowState(enum.Enum):
 class Flow:
     """A pipeline's run: its stages' sinks and handoffs, and the pipeline's records."""
 
-    def __init__(self, names: Sequence[str], deliveries: Deliveries, total: int | None) -> None:
+    def __init__(self, names: Sequence[str], deliveries: Deliveries) -> None:
         self.names = tuple(names)
-        self.total = total
+        self.total: int | None = None  # how many inputs, if known (for views)
         self.handoffs = [Handoff() for _ in self.names[1:]]
         self.sinks = [StageSink(self, k) for k in range(len(self.names))]
         self.runs: list[Run] = []  # the stage runs, set once all are made
@@ -72,7 +74,10 @@ class Flow:
         self.created = time.monotonic()
         self.finished = threading.Event()
         self.input_error: BaseException | None = None
-        self.settled: Any = None  # what recorded inputs without running them (a journal)
+        # a journaled pipeline's: its input, which restores records and keys the rest
+        # (its ``keys`` are popped here, as records are made), and its journal run
+        self.settled: JournaledInput | None = None
+        self.journal_run: JournalRun | None = None
         self._deliveries = deliveries
         self._lock = threading.Lock()
         self._state = FlowState.RUNNING
@@ -114,8 +119,9 @@ class Flow:
         started: float | None,
         finished: float | None,
     ) -> None:
-        """Make the pipeline's record of input ``index``, which ends at ``stage``.
-        ``item`` and ``started`` are stage 1's; a later stage's come from ``origins``."""
+        """Make the pipeline's record of input ``index``, which ends at ``stage``, and
+        journal it. ``item`` and ``started`` are stage 1's; a later stage's come from
+        ``origins``."""
         if stage:
             item, started = self.origins.pop(index)
         with self._lock:
@@ -129,6 +135,30 @@ class Flow:
                 self.cancelled_tasks += 1
             elif status != "ok":
                 self.failed += 1
+        key = None if self.settled is None else self.settled.keys.pop(index, None)
+        if key is not None and self.journal_run is not None:
+            record = (status, value, failure, worker, pid, attempts, started, finished)
+            write_record(self.journal_run, key, index, item, *record, self.results._clock)
+
+    # -- what a journaled input records without running anything (its feeder thread);
+    # ``settled`` counts these records, not ``done``, as for a run
+
+    def restore(self, index: int, item: Any, record: StoredRecord) -> None:
+        """An input's record from the journal, in its place."""
+        with self._lock:
+            self.results._reserve(index)
+            self.results._put_record(index, index, item, record, -self.results._clock)
+            self.results._restored.add(index)
+
+    def put(self, done: Finished) -> None:
+        """An input that could not be keyed: its error record."""
+        task = done.task
+        with self._lock:
+            self.results._reserve(task.index)
+            self.results._put(
+                task.index, task.index, task.item, done.status, None, done.failure,
+                None, None, 0, None, None,
+            )  # fmt: skip
 
     def snapshot(self) -> Results:
         """The pipeline's records made so far, in input order."""
@@ -166,11 +196,17 @@ class Flow:
         self.results._stages = {sink.name: sink.finished_records(inputs) for sink in self.sinks}
         with self._lock:
             self._state = FlowState.DONE
-        if self.input_error is not None:
-            error = with_results(self.input_error, self.results)
-            self._deliveries.put(self.future.set_exception, error)
-        else:
-            self._deliveries.put(self.future.set_result, self.results)
+        error = self.input_error
+
+        def flush_then_complete() -> None:  # on a delivery thread: it may wait on disk
+            if self.journal_run is not None:
+                self.journal_run.close()
+            if error is not None:
+                self.future.set_exception(with_results(error, self.results))
+            else:
+                self.future.set_result(self.results)
+
+        self._deliveries.put(flush_then_complete)
         self.finished.set()
 
     def busy_seconds(self) -> list[float]:
@@ -276,8 +312,14 @@ class StageSink:
 
     def buffered(self) -> int:
         """Values handed on and not yet taken: they count against the run's
-        ``max_pending``, so a stage cannot run ahead of the next (see ``handoff``)."""
-        return 0 if self._handoff is None else len(self._handoff)
+        ``max_pending``, so a stage cannot run ahead of the next (see ``handoff``).
+        The first stage's also counts records the journal has yet to write, so a
+        journal slower than the pipeline holds its input back."""
+        waiting = 0 if self._handoff is None else len(self._handoff)
+        journal_run = self._flow.journal_run
+        if self._stage == 0 and journal_run is not None:
+            waiting += journal_run.pending()
+        return waiting
 
     def finish(self, run: Run) -> None:
         self._flow.stage_ended(self._stage, run)

@@ -29,7 +29,7 @@ import math
 import os
 import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .results import Failure
 from .sinks import Finished, FinishedBatch, RecordSink, with_results
@@ -51,11 +51,20 @@ def open_run(
 ) -> tuple[JournalRun, dict[str, StoredRecord]]:
     """The run of ``fn`` in the journal ``journal`` names, and what it holds: a name
     (``"crawl"``) is a run in the default store; a path (``"runs/crawl.db"``) or a
-    ``Journal`` holds runs named after their function. Read on the caller's thread; a
-    store opened here is closed again (the run writes through its own connection)."""
+    ``Journal`` holds runs named after their function."""
+    name = getattr(fn, "__name__", type(fn).__name__)
+    return open_named_run(journal, name, getattr(fn, "__qualname__", name), identity(fn), keep_code)
+
+
+def open_named_run(
+    journal: Any, name: str, function: str, code: str, keep_code: bool
+) -> tuple[JournalRun, dict[str, StoredRecord]]:
+    """The run in ``journal`` (see ``open_run``) of the work described by ``function``
+    and ``code`` (its identity), named ``name`` unless ``journal`` names it. Read on
+    the caller's thread; a store opened here is closed again (the run writes through
+    its own connection)."""
     from .store import Journal
 
-    name = getattr(fn, "__name__", type(fn).__name__)
     if isinstance(journal, Journal):
         store = journal
     elif _is_path(journal):
@@ -63,8 +72,7 @@ def open_run(
     else:
         store, name = Journal(), journal
     try:
-        function = getattr(fn, "__qualname__", name)
-        run = store.begin(name, function, identity(fn), keep_code)
+        run = store.begin(name, function, code, keep_code)
         try:
             return run, run.stored()
         except BaseException:
@@ -96,6 +104,14 @@ def _bare(code: types.CodeType) -> types.CodeType:
     return code.replace(co_filename="", co_firstlineno=1, co_linetable=b"", co_consts=consts)
 
 
+class Settles(Protocol):
+    """Where a journaled input puts the records it makes without running anything."""
+
+    def restore(self, index: int, item: Any, record: StoredRecord) -> None: ...
+
+    def put(self, done: Finished) -> None: ...
+
+
 class JournaledInput:
     """The run's input as the dispatcher sees it: ``(index, item)`` for the inputs to
     run. The others are recorded here, on the feeder thread: restored from the journal,
@@ -107,7 +123,7 @@ class JournaledInput:
         key: Callable[[Any], Any] | None,
         stored: dict[str, StoredRecord],
         rerun: str,
-        sink: RecordSink,
+        sink: Settles,
     ) -> None:
         from .store import stable_key
 
@@ -196,16 +212,14 @@ class JournalSink(RecordSink):
         )  # fmt: skip
 
     def _write(self, done: Finished) -> None:
-        """Queue a record for the journal, unless it is cancelled (it runs next time)."""
         task = done.task
         key = self.input.keys.pop(task.index, None) if self.input is not None else None
-        if key is None or done.status == "cancelled":
-            return
-        error = _NO_FAILURE if done.failure is None else done.failure[:3]
-        clock = self.results._clock
-        times = (_on_clock(done.started, clock), _on_clock(done.finished, clock))
-        record = (key, task.index, task.item, done.status, done.value, *error)
-        self.journal_run.write(*record, done.worker, done.pid, task.attempts, *times)
+        if key is not None:
+            write_record(
+                self.journal_run, key, task.index, task.item, done.status, done.value,
+                done.failure, done.worker, done.pid, task.attempts, done.started,
+                done.finished, self.results._clock,
+            )  # fmt: skip
 
     def buffered(self) -> int:
         """Records the journal has yet to write: they hold back the input's reading,
@@ -230,6 +244,31 @@ class JournalSink(RecordSink):
                 self.future.set_result(self.results)
 
         self._deliveries.put(flush_then_complete)
+
+
+def write_record(
+    journal_run: JournalRun,
+    key: str,
+    index: int,
+    item: Any,
+    status: str,
+    value: Any,
+    failure: Failure | None,
+    worker: str | None,
+    pid: int | None,
+    attempts: int,
+    started: float | None,
+    finished: float | None,
+    clock: float,
+) -> None:
+    """Queue a record for the journal (never blocks), unless it is cancelled: that
+    input runs next time. Times are on the monotonic clock, ``clock`` apart from epoch
+    seconds."""
+    if status == "cancelled":
+        return
+    error = _NO_FAILURE if failure is None else failure[:3]
+    times = (_on_clock(started, clock), _on_clock(finished, clock))
+    journal_run.write(key, index, item, status, value, *error, worker, pid, attempts, *times)
 
 
 def _as_range(indices: Sequence[int]) -> Sequence[int]:

@@ -13,6 +13,7 @@ run.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from .dispatch import CancelRun, Wake
 from .executor import Executor, Job
 from .flow import Flow
 from .handoff import HandoffInput
+from .journaled import RERUN, JournaledInput, identity, open_named_run
 from .results import Results
 from .runs import StopMode
 from .view import View, make_view, normalize_progress
@@ -36,6 +38,15 @@ _STAGE_OPTIONS = frozenset(inspect.signature(Executor).parameters) - {
     "journal",
 }
 _DEFAULT_MIN_AVAILABLE = 0.10  # Executor's default min_available_memory
+_RUN_DEFAULTS = {
+    "progress": "auto",
+    "total": None,
+    "label": None,
+    "journal": None,
+    "key": None,
+    "rerun": "errors",
+    "journal_keep_code": False,
+}
 
 
 @dataclass(frozen=True)
@@ -100,59 +111,64 @@ class Pipeline:
     def __repr__(self) -> str:
         return "<cellpool.Pipeline " + " -> ".join(_describe(s) for s in self.stages) + ">"
 
-    def run(
-        self,
-        *iterables: Iterable[Any],
-        progress: str | bool = "auto",
-        total: int | None = None,
-        label: str | None = None,
-    ) -> Results:
+    def run(self, *iterables: Iterable[Any], **opts: Any) -> Results:
         """Run every input through the stages; one record per input, in input order.
 
+        ``opts``: ``progress``, ``total`` (how many inputs a generator will yield),
+        ``label``, and to journal the pipeline's records and resume it (see
+        "Durable runs"), ``journal``, ``key``, ``rerun`` and ``journal_keep_code``.
         Never raises for a task's failure. On Ctrl-C every stage is cancelled (running
         process tasks killed) before ``KeyboardInterrupt`` propagates.
         """
-        job = self._start("run", iterables, progress, total, label, background=False)
+        job = self._start("run", iterables, opts, background=False)
         try:
             return job._block()
         except BaseException:
             job._close(wait=False)
             raise
 
-    def start(
-        self,
-        *iterables: Iterable[Any],
-        progress: str | bool = "auto",
-        total: int | None = None,
-        label: str | None = None,
-    ) -> PipelineJob:
+    def start(self, *iterables: Iterable[Any], **opts: Any) -> PipelineJob:
         """Start the inputs through the stages and return a ``Job`` at once
-        (``result()``, ``await``, ``cancel()``, ``partial()``)."""
-        return self._start("start", iterables, progress, total, label, background=True)
+        (``result()``, ``await``, ``cancel()``, ``partial()``); ``opts`` as for ``run``."""
+        return self._start("start", iterables, opts, background=True)
 
     def _start(
         self,
         caller: str,
         iterables: tuple[Iterable[Any], ...],
-        progress: str | bool,
-        total: int | None,
-        label: str | None,
+        opts: dict[str, Any],
         background: bool,
     ) -> PipelineJob:
-        progress = normalize_progress(progress)
-        total = None if total is None else check.positive_int("total", total)
-        label = check.label(label) if label is not None else None
-        first = self.stages[0]
-        items, star, length = Executor._inputs(caller, first.fn, iterables, sliced=False)
-        executors = self._executors()
+        opts = _run_options(caller, opts)
+        label = opts["label"] or " -> ".join(s.name for s in self.stages)
+        items, star, length = Executor._inputs(caller, self.stages[0].fn, iterables, sliced=False)
+        journal_run, stored = None, None
+        if opts["journal"] is not None:  # before any pool starts: a bad journal stops here
+            code = hashlib.blake2b(digest_size=16)
+            for s in self.stages:
+                code.update(f"{s.name}={identity(s.fn)};".encode())
+            journal_run, stored = open_named_run(
+                opts["journal"], label, label, code.hexdigest(), opts["journal_keep_code"]
+            )
+        executors: list[Executor] = []
         try:
-            flow = self._flow(executors, (enumerate(items), star, length), total)
+            executors = self._executors()
+            flow = Flow([s.name for s in self.stages], executors[-1]._dispatcher.deliveries)
+            flow.total = length or opts["total"]
+            pairs: Iterator[tuple[int, Any]] = enumerate(items)
+            if journal_run is not None:
+                flow.journal_run = journal_run
+                flow.settled = JournaledInput(items, opts["key"], stored, opts["rerun"], flow)
+                journal_run.on_taken(functools.partial(executors[0]._dispatcher.post, Wake()))
+                pairs = iter(flow.settled)
+            self._start_runs(flow, executors, (pairs, star, length))
         except BaseException:
             for executor in executors:
                 executor.shutdown(wait=False, cancel_futures=True)
+            if journal_run is not None:
+                journal_run.close()
             raise
-        text = label or " -> ".join(s.name for s in self.stages)
-        return PipelineJob(flow, self.stages, executors, progress, background, text)
+        return PipelineJob(flow, self.stages, executors, opts["progress"], background, label)
 
     def _executors(self) -> list[Executor]:
         """One executor per stage, all or none. A later stage pauses for low machine
@@ -173,19 +189,16 @@ class Pipeline:
             raise
         return executors
 
-    def _flow(
+    def _start_runs(
         self,
+        flow: Flow,
         executors: list[Executor],
         inputs: tuple[Iterator[tuple[int, Any]], bool, int | None],
-        total: int | None,
-    ) -> Flow:
-        """Make the pipeline's flow and start a run on every stage's executor.
-        ``inputs`` are the first stage's: ``(index, item)`` pairs, whether items are
-        argument tuples, and their number if the input knows it; ``total`` is the
-        caller's guess otherwise."""
-        total = inputs[2] or total
-        names = [s.name for s in self.stages]
-        flow = Flow(names, executors[-1]._dispatcher.deliveries, total)
+    ) -> None:
+        """Start a run on every stage's executor, joined through ``flow``. ``inputs``
+        are the first stage's: ``(index, item)`` pairs, whether items are argument
+        tuples, and their number if the input knows it."""
+        total = flow.total
         posts = [executor._dispatcher.post for executor in executors]
         for position, handoff in enumerate(flow.handoffs):
             handoff.wake_upstream = functools.partial(posts[position], Wake())
@@ -211,7 +224,24 @@ class Pipeline:
                 post(CancelRun(run, StopMode.KILL))
 
         flow.cancel_runs = cancel_runs
-        return flow
+
+
+def _run_options(caller: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline run's options, checked, with their defaults."""
+    unknown = sorted(set(opts) - set(_RUN_DEFAULTS))
+    if unknown:
+        raise TypeError(f"{caller}() got an unexpected option {unknown[0]!r}")
+    merged = {**_RUN_DEFAULTS, **opts}
+    merged["progress"] = normalize_progress(merged["progress"])
+    if merged["total"] is not None:
+        merged["total"] = check.positive_int("total", merged["total"])
+    if merged["label"] is not None:
+        merged["label"] = check.label(merged["label"])
+    merged["journal"] = check.journal(merged["journal"])
+    merged["key"] = check.optional_callable("key", merged["key"])
+    merged["rerun"] = check.one_of("rerun", merged["rerun"], RERUN)
+    merged["journal_keep_code"] = bool(merged["journal_keep_code"])
+    return merged
 
 
 def _describe(s: Stage) -> str:

@@ -883,7 +883,7 @@ class Journal(_Closes):
         if latest is not None and version != latest[1]:
             warnings.warn(
                 f"cellpool: run {name!r}: the function changed; starting version {version} "
-                f"(keep_code=True continues version {latest[1]})",
+                f"(journal_keep_code=True continues version {latest[1]})",
                 UserWarning,
                 stacklevel=2,
             )
