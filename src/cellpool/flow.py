@@ -14,20 +14,23 @@ executor, ``indexed`` so that every task carries the index of the pipeline's inp
 
 Who owns what:
 
-    feeder of stage 1     reads the pipeline's input (user code)
+    feeder of stage 1     reads the pipeline's input (user code); a journaled one's
+                          (``JournaledInput``) restores records from the journal and
+                          records inputs it cannot key (``Flow.restore``, ``Flow.put``)
     dispatcher of stage k StageSink k: writes stage k's own record of each input, hands
                           an ok value on to Handoff k, or settles the input (a failure,
                           a cancel, or the last stage's record); takes from Handoff k-1
-    Flow                  the one place that makes a pipeline record (``settle``): its
-                          lock guards ``results``, the counters and ``_ended``; state
-                          moves RUNNING -> CANCELLED -> DONE or RUNNING -> DONE under it
+    Flow                  the one place that makes a pipeline record of work done
+                          (``settle``, which also queues it for the journal): its lock
+                          guards ``results``, the counters and ``_ended``; state moves
+                          RUNNING -> CANCELLED -> DONE or RUNNING -> DONE under it
     ``origins``           index -> (input, when stage 1 started it): set by stage 1's
                           dispatcher when it hands a value on, popped when the input is
                           settled; one writer and one remover per key, ordered by the
                           handoffs, each a single dict operation
 
 The last stage run to end settles what no stage took (the handoffs' leftovers, after a
-cancel) and completes the future on a delivery thread.
+cancel) and, on a delivery thread, flushes the journal and completes the future.
 """
 
 from __future__ import annotations
