@@ -1,12 +1,12 @@
 """Many HTTP GETs against a slow local server: cellpool against the usual client patterns.
 
 The benchmark starts its own HTTP/1.1 server on 127.0.0.1 (an ``asyncio`` streams
-server with keep-alive, in a subprocess of its own so it takes no GIL from the clients)
-that answers every request after 20 ms (``asyncio.sleep``). It counts the TCP
-connections it accepts and the requests it answers, and notes when the first request
-came and the last answer left; ``GET /stats`` returns these as JSON (a connection
-that asks only for ``/stats`` is not counted). No traffic leaves 127.0.0.1, and the
-children run without any ``*_proxy`` variable.
+server with keep-alive, ``local_server.py``, in a subprocess of its own so it takes no
+GIL from the clients) that answers every request after 20 ms (``asyncio.sleep``). It
+counts the TCP connections it accepts and the requests it answers, and notes when the
+first request came and the last answer left; ``GET /stats`` returns these as JSON (a
+connection that asks only for ``/stats`` is not counted). No traffic leaves 127.0.0.1,
+and the children run without any ``*_proxy`` variable.
 
 2,000 and 10,000 GETs, 32 at a time, so the ideal wall time is ``n * 20 ms / 32``:
 
@@ -49,24 +49,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib
 import json
 import logging
 import os
 import platform
-import select
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
+
+from local_server import child_env, serve_until_stdin_closes, started_server
 
 import cellpool
 
@@ -79,10 +79,6 @@ QUICK = (200, 1_000)
 REQUEST_TIMEOUT = (5.0, 30.0)  # requests: seconds to connect, and to wait for each read
 AIOHTTP_TIMEOUT = 30.0  # aiohttp: seconds for a whole request
 CHILD_TIMEOUT = 300.0  # seconds before a variant's subprocess is killed
-SERVER_START_TIMEOUT = 10.0  # seconds for the server to say which port it listens on
-SERVER_STOP_TIMEOUT = 5.0  # seconds for the server to exit once told to
-SERVER_LIFETIME = 3600.0  # the server exits after this long whatever happens
-IDLE_TIMEOUT = 60.0  # the server closes a connection idle this long
 STATS_TIMEOUT = 10.0  # seconds for a /stats request
 POOL_FULL = "Connection pool is full, discarding connection"
 RESULT_MARK = "RESULT "  # the line a variant's subprocess prints its measurements on
@@ -95,6 +91,8 @@ Outcome = int | str  # a status code, or why the request failed
 
 @dataclass
 class Counters:
+    """What the server counts; ``GET /stats`` returns it as JSON."""
+
     connections: int = 0  # accepted, less those that asked only for /stats
     requests: int = 0  # answered, /stats not included
     first: float | None = None  # epoch of the first request since the last /stats
@@ -104,113 +102,31 @@ class Counters:
     peak: int = 0  # the most in flight at once since the last /stats
     held: float = 0.0  # seconds from request to answer, summed, since the last /stats
 
+    def connected(self) -> None:
+        self.connections += 1
 
-def response(body: bytes, content_type: str, close: bool) -> bytes:
-    lines = ["HTTP/1.1 200 OK", f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
-    if close:
-        lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-async def answer(counters: Counters, reader: Any, writer: Any) -> None:
-    """Serve one connection: requests one after the other until the client closes it,
-    asks to, or leaves it idle for ``IDLE_TIMEOUT`` seconds."""
-    counters.connections += 1
-    served = 0
-    try:
-        while True:  # ends at the client's EOF, its "Connection: close" or a timeout
-            try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IDLE_TIMEOUT)
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
-                return
-            except asyncio.TimeoutError:
-                return
-            request_line, *lines = head.decode("latin-1").split("\r\n")
-            _, target, version = request_line.split(" ", 2)
-            headers = {}
-            for line in lines:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-            if int(headers.get("content-length") or 0):
-                await reader.readexactly(int(headers["content-length"]))
-            close = headers.get("connection", "").lower() == "close" or version == "HTTP/1.0"
-            if target == "/stats":
-                if served == 0:
-                    counters.connections -= 1
-                served += 1
-                counters.cpu = time.process_time()
-                body = json.dumps(vars(counters)).encode()
-                counters.first = counters.last = None
-                counters.peak, counters.held = counters.in_flight, 0.0
-                writer.write(response(body, "application/json", close))
-            else:
-                came = time.time()
-                if counters.first is None:
-                    counters.first = came
-                served += 1
-                counters.in_flight += 1
-                counters.peak = max(counters.peak, counters.in_flight)
-                await asyncio.sleep(DELAY)
-                counters.requests += 1
-                counters.in_flight -= 1
-                writer.write(response(b"ok", "text/plain", close))
-                counters.last = time.time()
-                counters.held += counters.last - came
-            await writer.drain()
-            if close:
-                return
-    except OSError:
-        return
-    finally:
-        writer.close()
-
-
-async def serve_until_stdin_closes() -> None:
-    """Listen on a free port of 127.0.0.1, print it, and serve until stdin closes (the
-    benchmark ends or dies) or ``SERVER_LIFETIME`` passes."""
-    counters = Counters()
-    server = await asyncio.start_server(
-        lambda reader, writer: answer(counters, reader, writer), "127.0.0.1", 0, backlog=1024
-    )
-    print(server.sockets[0].getsockname()[1], flush=True)
-    loop = asyncio.get_running_loop()
-    stdin_closed = asyncio.Event()
-
-    def watch_stdin() -> None:
-        sys.stdin.read()  # returns at EOF
-        loop.call_soon_threadsafe(stdin_closed.set)
-
-    threading.Thread(target=watch_stdin, daemon=True).start()
-    async with server:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stdin_closed.wait(), SERVER_LIFETIME)
-
-
-def child_env() -> dict[str, str]:
-    """This environment without proxies, so that every request goes to 127.0.0.1."""
-    return {name: value for name, value in os.environ.items() if not name.lower().endswith("proxy")}
-
-
-@contextlib.contextmanager
-def local_server() -> Iterator[int]:
-    """Start the server in a subprocess; yield its port; stop it."""
-    command = [sys.executable, __file__, "--serve"]
-    server = subprocess.Popen(
-        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env()
-    )
-    try:
-        ready, _, _ = select.select([server.stdout], [], [], SERVER_START_TIMEOUT)
-        line = server.stdout.readline() if ready else ""  # type: ignore[union-attr]
-        if not line.strip().isdigit():
-            raise RuntimeError(f"the server did not start within {SERVER_START_TIMEOUT:.0f} s")
-        yield int(line)
-    finally:
-        server.stdin.close()  # type: ignore[union-attr]
-        try:
-            server.wait(SERVER_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    async def respond(self, target: str, first: bool) -> tuple[bytes, str]:
+        """``/stats``: the counters, then a new first/last window; else ``ok`` after
+        ``DELAY``. A connection whose first request is ``/stats`` is not counted."""
+        if target == "/stats":
+            if first:
+                self.connections -= 1
+            self.cpu = time.process_time()
+            body = json.dumps(vars(self)).encode()
+            self.first = self.last = None
+            self.peak, self.held = self.in_flight, 0.0
+            return body, "application/json"
+        came = time.time()
+        if self.first is None:
+            self.first = came
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        await asyncio.sleep(DELAY)
+        self.requests += 1
+        self.in_flight -= 1
+        self.last = time.time()
+        self.held += self.last - came
+        return b"ok", "text/plain"
 
 
 def server_stats(port: int) -> dict[str, Any]:
@@ -564,7 +480,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(serve_until_stdin_closes())
+        counters = Counters()
+        asyncio.run(serve_until_stdin_closes(counters.respond, counters.connected))
         return
     if args.case:
         child(args.case, args.requests, args.port)
@@ -575,7 +492,7 @@ def main() -> None:
         f"{CONCURRENCY} requests at a time, {DELAY * 1000:.0f} ms each, "
         f"ideal = n x {DELAY * 1000:.0f} ms / {CONCURRENCY}; one fresh process per variant\n"
     )
-    with local_server() as port:
+    with started_server(__file__, child_env()) as port:
         results = {
             (name, requests): in_subprocess(name, requests, port)
             for requests in sizes

@@ -4,7 +4,8 @@
 
 * fetch: an HTTP GET with the calling thread's own ``requests.Session``, on 32 threads.
   The benchmark's server (an ``asyncio`` streams server with keep-alive on 127.0.0.1, in
-  a subprocess of its own so it takes no GIL from the clients, as in ``http_clients.py``)
+  a subprocess of its own so it takes no GIL from the clients: ``local_server.py``, as
+  in ``http_clients.py``)
   answers each request after 50 ms with 2-4 KB of text derived from the path.
 * parse: about 2 ms of pure-Python CPU over that text (a rolling hash of a fixed number
   of characters, cycling through the text), on 2 processes. The number of characters is
@@ -43,12 +44,13 @@ forkserver and spawn workers re-import it by path as ``__mp_main__`` (paying onl
 the standard library: the peers are imported inside the variants), and cellpool and
 dask ship them by value with cloudpickle, as they would a notebook's. The benchmark's
 process samples, every 50 ms, the summed RSS of the variant's whole process tree (its
-process, forkservers, workers, the dask nannies and scheduler); the table gives the
-median of the runs' peaks. A variant's results are checked: one per input, all ok, and
-those of 8 inputs equal to ``parse(fetch(url))`` computed serially afterwards; the failed
-column counts, over all runs, the inputs that missed any of these. A variant whose
-library or API is missing (``ImportError``, ``AttributeError``) is "not available".
-No traffic leaves 127.0.0.1, and the children run without any ``*_proxy`` variable.
+process, forkservers, workers, the dask nannies and scheduler; ``tree_memory.py``); the
+table gives the median of the runs' peaks. A variant's results are checked: one per
+input, all ok, and those of 8 inputs equal to ``parse(fetch(url))`` computed serially
+afterwards; the failed column counts, over all runs, the inputs that missed any of
+these. A variant whose library or API is missing (``ImportError``, ``AttributeError``)
+is "not available". No traffic leaves 127.0.0.1, and the children run without any
+``*_proxy`` variable.
 
 The server and both stages share the machine's CPUs: on a 2-CPU machine, the parse
 stage's 2 processes leave little CPU to the fetch threads and the server.
@@ -72,7 +74,6 @@ import itertools
 import json
 import os
 import platform
-import select
 import signal
 import statistics
 import subprocess
@@ -81,12 +82,15 @@ import threading
 import time
 import traceback
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from multiprocessing import get_context
 from typing import Any
+
+from local_server import child_env, serve_until_stdin_closes, started_server
+from tree_memory import TreePeak
 
 FETCH_WORKERS = 32
 PARSE_WORKERS = 2
@@ -106,10 +110,6 @@ QUICK = (200, 2)
 REQUEST_TIMEOUT = (5.0, 30.0)  # requests: seconds to connect, and to wait for each read
 CHILD_TIMEOUT = 300.0  # seconds before a variant's process group is killed
 SAMPLE_SECONDS = 0.05  # how often the variant's process tree's RSS is sampled
-SERVER_START_TIMEOUT = 10.0  # seconds for the server to say which port it listens on
-SERVER_STOP_TIMEOUT = 5.0  # seconds for the server to exit once told to
-SERVER_LIFETIME = 3600.0  # the server exits after this long whatever happens
-IDLE_TIMEOUT = 60.0  # the server closes a connection idle this long
 RESULT_MARK = "RESULT "  # the line a variant's subprocess prints its measurements on
 MIB = 1024 * 1024
 
@@ -130,94 +130,10 @@ def page(path: str) -> bytes:
     return " ".join(words)[:size].encode()
 
 
-def response(body: bytes, close: bool) -> bytes:
-    lines = [
-        "HTTP/1.1 200 OK",
-        "Content-Type: text/plain; charset=utf-8",  # no charset: requests would guess one
-        f"Content-Length: {len(body)}",
-    ]
-    if close:
-        lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-async def answer(reader: Any, writer: Any) -> None:
-    """Serve one connection: requests one after the other until the client closes it,
-    asks to, or leaves it idle for ``IDLE_TIMEOUT`` seconds."""
-    try:
-        while True:  # ends at the client's EOF, its "Connection: close" or a timeout
-            try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IDLE_TIMEOUT)
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
-                return
-            except asyncio.TimeoutError:
-                return
-            request_line, *lines = head.decode("latin-1").split("\r\n")
-            _, target, version = request_line.split(" ", 2)
-            headers = {}
-            for line in lines:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-            if int(headers.get("content-length") or 0):
-                await reader.readexactly(int(headers["content-length"]))
-            close = headers.get("connection", "").lower() == "close" or version == "HTTP/1.0"
-            await asyncio.sleep(DELAY)
-            writer.write(response(page(target), close))
-            await writer.drain()
-            if close:
-                return
-    except OSError:
-        return
-    finally:
-        writer.close()
-
-
-async def serve_until_stdin_closes() -> None:
-    """Listen on a free port of 127.0.0.1, print it, and serve until stdin closes (the
-    benchmark ends or dies) or ``SERVER_LIFETIME`` passes."""
-    server = await asyncio.start_server(answer, "127.0.0.1", 0, backlog=1024)
-    print(server.sockets[0].getsockname()[1], flush=True)
-    loop = asyncio.get_running_loop()
-    stdin_closed = asyncio.Event()
-
-    def watch_stdin() -> None:
-        sys.stdin.read()  # returns at EOF
-        loop.call_soon_threadsafe(stdin_closed.set)
-
-    threading.Thread(target=watch_stdin, daemon=True).start()
-    async with server:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stdin_closed.wait(), SERVER_LIFETIME)
-
-
-def child_env(steps: int) -> dict[str, str]:
-    """This environment without proxies, so that every request goes to 127.0.0.1, and
-    with the parse stage's step count."""
-    env = {name: value for name, value in os.environ.items() if not name.lower().endswith("proxy")}
-    env[STEPS_ENV] = str(steps)
-    return env
-
-
-@contextlib.contextmanager
-def local_server(env: dict[str, str]) -> Iterator[int]:
-    """Start the server in a subprocess; yield its port; stop it."""
-    command = [sys.executable, __file__, "--serve"]
-    server = subprocess.Popen(
-        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        ready, _, _ = select.select([server.stdout], [], [], SERVER_START_TIMEOUT)
-        line = server.stdout.readline() if ready else ""  # type: ignore[union-attr]
-        if not line.strip().isdigit():
-            raise RuntimeError(f"the server did not start within {SERVER_START_TIMEOUT:.0f} s")
-        yield int(line)
-    finally:
-        server.stdin.close()  # type: ignore[union-attr]
-        try:
-            server.wait(SERVER_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+async def respond(target: str, first: bool) -> tuple[bytes, str]:
+    """The page for ``target``, after ``DELAY``."""
+    await asyncio.sleep(DELAY)
+    return page(target), "text/plain; charset=utf-8"  # no charset: requests would guess one
 
 
 # -- the stages: module-level, so that every pool can ship them -----------------------
@@ -449,46 +365,6 @@ def child(name: str, n: int, port: int) -> None:
     print(RESULT_MARK + json.dumps(measured), flush=True)
 
 
-class TreePeak:
-    """The peak summed RSS, in bytes, of a process and all its descendants, sampled by a
-    thread every ``SAMPLE_SECONDS`` while the ``with`` block runs."""
-
-    def __init__(self, pid: int) -> None:
-        import psutil
-
-        self._psutil = psutil
-        self._root = psutil.Process(pid)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="tree-peak", daemon=True)
-        self.peak = 0
-
-    def __enter__(self) -> TreePeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _watch(self) -> None:
-        while True:
-            self._sample()
-            if self._stop.wait(SAMPLE_SECONDS):
-                return
-
-    def _sample(self) -> None:
-        psutil = self._psutil
-        try:
-            tree = [self._root, *self._root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        rss = 0
-        for process in tree:
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                rss += process.memory_info().rss
-        self.peak = max(self.peak, rss)
-
-
 def in_subprocess(name: str, n: int, port: int, env: dict[str, str]) -> Measured | str:
     """A variant's measurements from a fresh subprocess, or why there are none."""
     command = [sys.executable, __file__, "--variant", name, "--inputs", str(n)]
@@ -502,7 +378,7 @@ def in_subprocess(name: str, n: int, port: int, env: dict[str, str]) -> Measured
         start_new_session=True,  # its own process group, killed with every worker left
     )
     try:
-        with TreePeak(process.pid) as tree:
+        with TreePeak(process.pid, every=SAMPLE_SECONDS) as tree:
             try:
                 out, err = process.communicate(timeout=CHILD_TIMEOUT)
             except subprocess.TimeoutExpired:
@@ -666,7 +542,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(serve_until_stdin_closes())
+        asyncio.run(serve_until_stdin_closes(respond))
         return
     if args.variant:
         child(args.variant, args.inputs, args.port)
@@ -683,10 +559,10 @@ def main() -> None:
         f"ideal = the slower stage, {ideal.slower:.3f} s\n"
         f"{rounds} rounds of fresh processes, one per variant, in a rotated order\n"
     )
-    env = child_env(steps)
+    env = {**child_env(), STEPS_ENV: str(steps)}  # no proxies, and the parse's step count
     names = list(VARIANTS)
     runs: dict[str, list[Measured | str]] = {name: [] for name in names}
-    with local_server(env) as port:
+    with started_server(__file__, env) as port:
         for round_ in range(rounds):
             for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
                 runs[name].append(in_subprocess(name, n, port, env))

@@ -42,14 +42,12 @@ it from the repository root::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -59,6 +57,8 @@ from importlib import metadata
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
+
+from tree_memory import TreePeak
 
 WORKERS = 2
 TINY_CHUNK = 500  # ProcessPoolExecutor's chunksize for the tiny tasks
@@ -237,48 +237,6 @@ def skewed(pool_list: Callable[..., Any], slow_first: bool, sizes: Sizes) -> Mea
 # -- workload 5: a long generator, with the process tree's memory --------------------
 
 
-class TreeSampler:
-    """The peak summed RSS and PSS of this process and all its descendants, in bytes.
-
-    Sampled by a thread every ``SAMPLE_SECONDS`` while the ``with`` block runs. RSS
-    counts a shared page once per process, so its sum errs high; PSS splits it.
-    """
-
-    def __init__(self) -> None:
-        import psutil
-
-        self._psutil = psutil
-        self._me = psutil.Process()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="tree-sampler", daemon=True)
-        self.peak = 0
-        self.peak_pss = 0
-
-    def __enter__(self) -> TreeSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _watch(self) -> None:
-        self._sample()
-        while not self._stop.wait(SAMPLE_SECONDS):
-            self._sample()
-        self._sample()
-
-    def _sample(self) -> None:
-        rss = pss = 0
-        for process in [self._me, *self._me.children(recursive=True)]:
-            with contextlib.suppress(self._psutil.NoSuchProcess, self._psutil.AccessDenied):
-                memory = process.memory_full_info()
-                rss += memory.rss
-                pss += memory.pss
-        self.peak = max(self.peak, rss)
-        self.peak_pss = max(self.peak_pss, pss)
-
-
 def own_peak_mib() -> float:
     """This process's peak RSS, in MiB, from ``VmHWM`` (which, unlike ``ru_maxrss``,
     does not carry the parent's peak over ``exec``)."""
@@ -289,7 +247,7 @@ def own_peak_mib() -> float:
 
 
 def stream(consume: Callable[..., Any], sizes: Sizes) -> Measured:
-    with TreeSampler() as sampler:
+    with TreePeak(pss=True, every=SAMPLE_SECONDS) as sampler:
         wall = timed(lambda: consume(inc, (i for i in range(sizes.stream))))
     return {
         "wall": wall,
