@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -132,7 +133,8 @@ def _free_port() -> int:
 
 
 def _get(url: str):
-    return json.load(urllib.request.urlopen(url, timeout=2))
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return json.load(response)
 
 
 def _write_notebook(path: Path, cells: list[str]) -> None:
@@ -228,12 +230,23 @@ def _open(browser, lab: str, name: str):
     page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=90_000)
     # The toolbar says idle before the kernel's websocket is up: ask the server.
     deadline = time.monotonic() + 90
-    while not any(
-        k["connections"] > 0 and k["execution_state"] == "idle" for k in _get(f"{lab}/api/kernels")
-    ):
+    while not _kernel_ready(lab):
         assert time.monotonic() < deadline, "the kernel never became ready"
         page.wait_for_timeout(250)
     return page
+
+
+def _kernel_ready(lab: str) -> bool:
+    """True once a kernel is idle with a websocket. While kernels start on a loaded
+    machine the server may answer 500 or not in time: not ready yet."""
+    try:
+        kernels = _get(f"{lab}/api/kernels")
+    except urllib.error.HTTPError as error:
+        error.close()
+        return False
+    except (urllib.error.URLError, TimeoutError):
+        return False
+    return any(k["connections"] > 0 and k["execution_state"] == "idle" for k in kernels)
 
 
 def test_the_live_view_moves_in_jupyterlab_and_leaves_a_summary(lab):

@@ -16,7 +16,8 @@ import time
 import pytest
 
 import cellpool
-from tests.conftest import worker_processes
+from cellpool import hooks
+from tests.conftest import settle, worker_processes
 
 # -- stage functions (module level: process workers import them by reference) ----------
 
@@ -505,11 +506,15 @@ def parse(x):
 
 if __name__ == "__main__":
     pipe = cellpool.pipeline(
-        cellpool.stage(fetch, kind="thread", workers=8),
+        cellpool.stage(fetch, kind="thread", workers=4),
         cellpool.stage(parse, kind="process", workers=2),
     )
     job = pipe.start(range(600), journal=sys.argv[1], progress="none")
-    while len(job.partial()) < 150:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until some records are committed
+        with cellpool.Journal(sys.argv[1]) as journal:
+            if sum(row["ok"] for row in journal.runs()) >= 50:
+                break
         time.sleep(0.01)
     os._exit(1)  # the kernel dies: no shutdown, no flush
 """
@@ -548,3 +553,96 @@ def test_a_journaled_pipeline_keeps_its_journal_on_the_callers_side_of_a_bad_fil
     with pytest.raises(ValueError, match="not a cellpool journal"):
         cellpool.pipeline(square).run(range(3), journal=bad, progress="none")
     assert bad.read_text() == "not a database"
+
+
+# -- forced interleavings (tests.hooks points, or user code that blocks) ---------------
+
+
+def test_a_fully_restored_journaled_pipeline_returns_every_record(tmp_path):
+    journal = tmp_path / "crawl.db"
+    pipe = cellpool.pipeline(square, jittery_inc)
+    first = pipe.run(range(10), journal=journal, progress="none")
+    again = pipe.run(range(10), journal=journal, progress="none")  # nothing left to run
+    assert again.values == first.values and all(r.restored for r in again)
+    key_fails_last = pipe.run(range(11), journal=journal, key=lambda x: 1 // (10 - x))
+    assert len(key_fails_last) == 11 and key_fails_last[10].status == "error"
+
+
+def test_records_the_input_makes_after_the_pipeline_ended_are_not_added(tmp_path):
+    """A journaled input's feeder reads on until its part ends: what it restores after
+    the pipeline ended must not change the Results already returned."""
+    journal = tmp_path / "crawl.db"
+    pipe = cellpool.pipeline(square, jittery_inc)
+    pipe.run(range(100), journal=journal, progress="none")
+    blocked, release = threading.Event(), threading.Event()
+
+    def key(x):  # user code on the feeder thread, held at input 20
+        if x == 20:
+            blocked.set()
+            release.wait(30)
+        return str(x)
+
+    job = pipe.start(range(100), journal=journal, key=key, progress="none")
+    assert blocked.wait(30)
+    job.cancel()
+    results = job.result(timeout=30)
+    kept = len(results)
+    release.set()
+    time.sleep(0.5)  # the feeder restores the rest of its part, to no one
+    assert len(results) == kept and len(list(results)) == kept
+
+
+def test_every_record_survives_stages_that_end_before_the_next_one_starts():
+    with hooks.installed("pipeline.stage-started", lambda: time.sleep(0.3)):
+        results = cellpool.pipeline(square, jittery_inc).run(range(3), progress="none")
+    assert results.values == [1, 2, 5]
+
+
+def test_a_background_pipeline_that_ends_as_its_job_is_made_still_stops_its_pools():
+    with hooks.installed("pipeline.job-made", lambda: time.sleep(0.5)):
+        job = cellpool.pipeline(square, jittery_inc).start(range(3), progress="none")
+    import asyncio
+
+    assert asyncio.run(_wait(job)).values == [1, 2, 5]  # awaited: result() never called
+    dispatchers = lambda: [t for t in threading.enumerate() if "dispatcher" in t.name]  # noqa: E731
+    assert not settle(dispatchers)  # while the job is still held
+
+
+def test_ctrl_c_while_a_stage_is_slow_to_end_still_flushes_the_journal(tmp_path):
+    """The last stage's pool is shut down before the first stage ends: the pipeline
+    still completes, and its journal's writer ends (the fixture checks no thread is
+    left)."""
+    import _thread
+
+    journal = tmp_path / "crawl.db"
+    ended = []
+
+    def first_one_slow() -> None:
+        ended.append(1)
+        if len(ended) == 1:
+            time.sleep(3)
+
+    threading.Timer(0.5, _thread.interrupt_main).start()
+    with hooks.installed("pipeline.stage-ended", first_one_slow), pytest.raises(KeyboardInterrupt):
+        cellpool.pipeline(nap, cellpool.stage(square, name="b")).run(
+            range(200), journal=journal, progress="none"
+        )
+    assert not settle(lambda: len(ended) < 2, 10)
+
+
+def test_a_stage_that_breaks_after_the_one_before_finished_says_why():
+    results = cellpool.pipeline(
+        cellpool.stage(square, kind="thread", workers=2),
+        cellpool.stage(square, kind="process", workers=1, initializer=slow_fail, name="b"),
+    ).run(range(5), progress="none")
+    assert len(results) == 5
+    assert {r.status for r in results} <= {"crashed", "cancelled"}
+    for record in results:
+        assert record.stage == "b" and record.error
+        if record.status == "cancelled":
+            assert "stage 'b' ended early" in record.error
+
+
+def slow_fail():
+    time.sleep(0.5)  # the stage before has finished by now
+    raise RuntimeError("no such model")

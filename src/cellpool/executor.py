@@ -72,7 +72,7 @@ class Job:
         label: str,
         background: bool,
         new_view: Callable[[str, bool, Callable[[], Any]], View | None],
-        stop: Callable[[], None],
+        stop: Callable[[], bool],
     ) -> None:
         self._run = run  # what ends: its ``finished`` event, ``created`` time
         self._sink = sink  # its ``future`` (the Results) and ``snapshot()``
@@ -164,8 +164,7 @@ class Job:
         """
         if self.done():
             return False
-        self._stop()
-        return True
+        return self._stop()
 
     def done(self) -> bool:
         """True once every input has its record."""
@@ -540,8 +539,12 @@ class Executor(futures.Executor):
             label,
             background,
             functools.partial(self._view_of, run, sink, label),
-            lambda: self._dispatcher.post(CancelRun(run, StopMode.KILL)),
+            functools.partial(self._cancel_run, run),
         )
+
+    def _cancel_run(self, run: Run) -> bool:
+        self._dispatcher.post(CancelRun(run, StopMode.KILL))
+        return True
 
     def _view_of(
         self,

@@ -43,13 +43,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+from . import hooks
+from .delivery import Deliveries
 from .handoff import Handoff, HandoffState
-from .journaled import JournaledInput, write_record
+from .journaled import JournaledInput, as_range, write_record
 from .results import _UNFILLED, Failure, Results
 from .sinks import Finished, FinishedBatch, with_results
 
 if TYPE_CHECKING:
-    from .delivery import Deliveries
     from .runs import Run
     from .store import JournalRun, StoredRecord
 
@@ -63,7 +64,7 @@ class FlowState(enum.Enum):
 class Flow:
     """A pipeline's run: its stages' sinks and handoffs, and the pipeline's records."""
 
-    def __init__(self, names: Sequence[str], deliveries: Deliveries) -> None:
+    def __init__(self, names: Sequence[str]) -> None:
         self.names = tuple(names)
         self.total: int | None = None  # how many inputs, if known (for views)
         self.handoffs = [Handoff() for _ in self.names[1:]]
@@ -81,11 +82,13 @@ class Flow:
         # (its ``keys`` are popped here, as records are made), and its journal run
         self.settled: JournaledInput | None = None
         self.journal_run: JournalRun | None = None
-        self._deliveries = deliveries
+        # its own: a stage's executor may be shut down (Ctrl-C) before the flow ends
+        self.deliveries = Deliveries()
         self._lock = threading.Lock()
         self._state = FlowState.RUNNING
         self._ended = 0  # stage runs that have ended
-        self._why = ""  # why it was cancelled
+        self._inputs = 0  # 1 + the highest index recorded: how many inputs were read
+        self._stopped_by: str | None = None  # the stage that ended early, if one did
         # the pipeline's records so far, for views: all of them, and per status
         self.done = 0
         self.failed = 0
@@ -95,14 +98,15 @@ class Flow:
     def state(self) -> FlowState:
         return self._state
 
-    def cancel(self, why: str = "the pipeline was cancelled") -> bool:
-        """Stop every stage: running tasks are stopped, the rest recorded cancelled.
-        False if the pipeline had already ended or was cancelled."""
+    def cancel(self, stopped_by: str | None = None) -> bool:
+        """Stop every stage: running tasks are stopped, the rest recorded cancelled
+        (``stopped_by``: because that stage ended early). False if the pipeline had
+        already ended or was cancelled."""
         with self._lock:
             if self._state is not FlowState.RUNNING:
                 return False
             self._state = FlowState.CANCELLED
-            self._why = why
+            self._stopped_by = stopped_by
         for handoff in self.handoffs:
             handoff.cancel()
         self.cancel_runs()
@@ -128,7 +132,7 @@ class Flow:
         if stage:
             item, started = self.origins.pop(index)
         with self._lock:
-            self.results._reserve(index)
+            self._make_room(index)
             self.results._put(
                 index, index, item, status, value, failure, worker, pid, attempts, started, finished
             )
@@ -143,25 +147,31 @@ class Flow:
             record = (status, value, failure, worker, pid, attempts, started, finished)
             write_record(self.journal_run, key, index, item, *record, self.results._clock)
 
-    # -- what a journaled input records without running anything (its feeder thread);
-    # ``settled`` counts these records, not ``done``, as for a run
+    def _make_room(self, index: int) -> None:
+        """Under the lock: room for input ``index``'s record, which counts it read."""
+        self.results._reserve(index)
+        self._inputs = max(self._inputs, index + 1)
+
+    # -- what a journaled input records without running anything (its feeder thread,
+    # which may read on a little after a stop: once the flow is done, they are not
+    # its inputs); ``settled`` counts these records, not ``done``, as for a run
 
     def restore(self, index: int, item: Any, record: StoredRecord) -> None:
         """An input's record from the journal, in its place."""
         with self._lock:
-            self.results._reserve(index)
+            if self._state is FlowState.DONE:
+                return
+            self._make_room(index)
             self.results._put_record(index, index, item, record, -self.results._clock)
             self.results._restored.add(index)
 
-    def put(self, done: Finished) -> None:
+    def unkeyed(self, index: int, item: Any, failure: Failure) -> None:
         """An input that could not be keyed: its error record."""
-        task = done.task
         with self._lock:
-            self.results._reserve(task.index)
-            self.results._put(
-                task.index, task.index, task.item, done.status, None, done.failure,
-                None, None, 0, None, None,
-            )  # fmt: skip
+            if self._state is FlowState.DONE:
+                return
+            self._make_room(index)
+            self.results._put(index, index, item, "error", None, failure, None, None, 0, None, None)
 
     def snapshot(self) -> Results:
         """The pipeline's records made so far, in input order."""
@@ -171,13 +181,15 @@ class Flow:
 
     def stage_ended(self, stage: int, run: Run) -> None:
         """Stage ``stage``'s run has ended (on its dispatcher)."""
+        hooks.at("pipeline.stage-ended")
         if stage == 0:
             self.input_error = run.input_error
         if stage < len(self.handoffs):
             self.handoffs[stage].close()
-        if stage > 0 and self.handoffs[stage - 1].state is HandoffState.OPEN:
-            # it ended before its input did: its pool broke, nothing more can pass it
-            self.cancel(f"the pipeline stopped: stage {self.names[stage]!r} ended early")
+        before = self.handoffs[stage - 1] if stage > 0 else None
+        if before is not None and (before.state is HandoffState.OPEN or len(before)):
+            # it ended with input left for it (its pool broke): nothing more can pass it
+            self.cancel(stopped_by=self.names[stage])
         with self._lock:
             self._ended += 1
             last = self._ended == len(self.names)
@@ -186,19 +198,16 @@ class Flow:
 
     def _finish(self) -> None:
         for stage, handoff in enumerate(self.handoffs, start=1):
-            failure = Failure(
-                "TaskCancelled", f"{self._why} before stage {self.names[stage]!r} started it"
-            )
+            failure = Failure("TaskCancelled", self._never_started(stage))
             for index, _value in handoff.leftover():
                 self.settle(
                     stage, index, None, "cancelled", None, failure, None, None, 0, None, None
                 )
-        inputs = self.runs[0].next_index if self.runs else 0  # stage 1 took them all
-        with self._lock:
+        with self._lock:  # with the state: a record the feeder adds later is not kept
+            inputs = self._inputs
             self.results._truncate(inputs)
-        self.results._stages = {sink.name: sink.finished_records(inputs) for sink in self.sinks}
-        with self._lock:
             self._state = FlowState.DONE
+        self.results._stages = {sink.name: sink.finished_records(inputs) for sink in self.sinks}
         error = self.input_error
 
         def flush_then_complete() -> None:  # on a delivery thread: it may wait on disk
@@ -209,8 +218,17 @@ class Flow:
             else:
                 self.future.set_result(self.results)
 
-        self._deliveries.put(flush_then_complete)
+        self.deliveries.put(flush_then_complete)
+        self.deliveries.close()  # its thread ends once the future is complete
         self.finished.set()
+
+    def _never_started(self, stage: int) -> str:
+        """Why an input waiting for ``stage`` never ran there."""
+        name = self.names[stage]
+        if self._stopped_by is None:
+            return f"the pipeline was cancelled before stage {name!r} started it"
+        stopped = f"the pipeline stopped (stage {self._stopped_by!r} ended early)"
+        return f"{stopped} before stage {name!r} started it"
 
     def busy_seconds(self) -> list[float]:
         """Per stage, the seconds its workers spent on tasks so far."""
@@ -220,7 +238,8 @@ class Flow:
 class StageSink:
     """Where a stage run's records go: the stage's own record of each input, then the
     next stage (an ok value) or the pipeline's record (anything else, or the last
-    stage's). Called by the stage's dispatcher only; it never blocks."""
+    stage's). Called by the stage's dispatcher only, and it never blocks; ``records``
+    is read once the stage's run has ended."""
 
     def __init__(self, flow: Flow, stage: int) -> None:
         self._flow = flow
@@ -228,63 +247,42 @@ class StageSink:
         self.name = flow.names[stage]
         self._handoff = flow.handoffs[stage] if stage < len(flow.handoffs) else None
         self.records = Results()  # this stage's records: no items, no values
-        self._lock = threading.Lock()  # around ``records``: views copy them
         self.busy = 0.0  # seconds of task time, for the views and the bottleneck
 
     def put(self, done: Finished) -> None:
         task = done.task
-        with self._lock:
-            self.records._reserve(task.index)
-            self.records._put(
-                task.index,
-                task.index,
-                None,
+        self.put_many(
+            FinishedBatch(
+                [task.index],
+                [task.item],
+                task.attempts,
                 done.status,
-                None,
+                [done.value],
                 done.failure,
+                None if done.started is None else [done.started],
+                None if done.finished is None else [done.finished],
                 done.worker,
                 done.pid,
-                task.attempts,
-                done.started,
-                done.finished,
             )
-        if done.started is not None and done.finished is not None:
-            self.busy += done.finished - done.started
-        if done.status == "ok" and self._handoff is not None:
-            if self._stage == 0:
-                self._flow.origins[task.index] = (task.item, done.started)
-            self._handoff.put([(task.index, done.value)])
-            return
-        self._flow.settle(
-            self._stage,
-            task.index,
-            task.item,
-            done.status,
-            done.value,
-            done.failure,
-            done.worker,
-            done.pid,
-            task.attempts,
-            done.started,
-            done.finished,
         )
 
     def put_many(self, done: FinishedBatch) -> None:
         indices, count = done.indices, len(done.items)
-        with self._lock:
-            self.records._reserve(max(indices))
-            self.records._put_many(
-                indices,
-                [None] * count,
-                done.status,
-                None,
-                done.failure,
-                done.attempts,
-                done.started,
-                done.finished,
-                done.worker,
-                done.pid,
-            )
+        if self._stage == 0:  # increasing, as read: consecutive ones are written in slices
+            indices = as_range(indices)
+        self.records._reserve(max(indices))
+        self.records._put_many(
+            indices,
+            [None] * count,
+            done.status,
+            None,
+            done.failure,
+            done.attempts,
+            done.started,
+            done.finished,
+            done.worker,
+            done.pid,
+        )
         started = done.started or [None] * count
         finished = done.finished or [None] * count
         if done.started is not None and done.finished is not None:

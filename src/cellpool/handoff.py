@@ -123,7 +123,10 @@ class HandoffInput:
         return self._stopped or self._handoff.ended()
 
     def grant(self, allowance: int) -> None:
-        self._allowance = max(self._allowance, allowance)
+        if allowance > self._allowance:
+            self._allowance = allowance
+            if len(self._handoff):  # values wait that may now be taken: look again
+                self._handoff.wake_downstream()
 
     def drain(self) -> None:
         self.stop()  # a downstream run is not sized: a cancel never asks it to drain

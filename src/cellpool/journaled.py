@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .results import Failure
 from .sinks import Finished, FinishedBatch, RecordSink, with_results
-from .tasks import Task
 
 if TYPE_CHECKING:
     from .delivery import Deliveries
@@ -42,7 +41,6 @@ if TYPE_CHECKING:
 
 RERUN = ("errors", "none", "all")  # what runs again: failures (default), nothing, all
 _FAILED = ("error", "timeout", "crashed")
-_NOWHERE = (None, None, None, None)  # worker, pid, started, finished: it never ran
 _NO_FAILURE = (None, None, None)  # error type, error, traceback
 
 
@@ -105,11 +103,13 @@ def _bare(code: types.CodeType) -> types.CodeType:
 
 
 class Settles(Protocol):
-    """Where a journaled input puts the records it makes without running anything."""
+    """Where a journaled input puts the records it makes without running anything (on
+    the feeder thread, which may read on a little after the run ended: such records
+    are not the run's, and are dropped)."""
 
     def restore(self, index: int, item: Any, record: StoredRecord) -> None: ...
 
-    def put(self, done: Finished) -> None: ...
+    def unkeyed(self, index: int, item: Any, failure: Failure) -> None: ...
 
 
 class JournaledInput:
@@ -164,7 +164,7 @@ class JournaledInput:
                 None,
                 error,
             )
-            self._sink.put(Finished(Task(index, item, 0), "error", None, failure, *_NOWHERE))
+            self._sink.unkeyed(index, item, failure)
             self.failed += 1
             return None
 
@@ -182,21 +182,31 @@ class JournalSink(RecordSink):
         super().__init__(deliveries)
         self.journal_run = run
         self.input: JournaledInput | None = None  # set before the run starts
+        self._ended = False  # guarded by _lock: the run has ended
         # the dispatcher grants more input once the journal's backlog shrinks
         run.on_taken(wake)
 
     def restore(self, index: int, item: Any, record: StoredRecord) -> None:
         """Put a record from the journal in its input's place (feeder thread)."""
         with self._lock:
+            if self._ended:
+                return
             self.results._put_record(index, index, item, record, -self.results._clock)
             self.results._restored.add(index)
+
+    def unkeyed(self, index: int, item: Any, failure: Failure) -> None:
+        """The error record of an input whose key could not be made (feeder thread)."""
+        with self._lock:
+            if self._ended:
+                return
+            self.results._put(index, index, item, "error", None, failure, None, None, 0, None, None)
 
     def put(self, done: Finished) -> None:
         super().put(done)
         self._write(done)
 
     def put_many(self, done: FinishedBatch) -> None:
-        done = done._replace(indices=_as_range(done.indices))
+        done = done._replace(indices=as_range(done.indices))
         super().put_many(done)
         if self.input is None:
             return
@@ -235,6 +245,8 @@ class JournalSink(RecordSink):
         # One delivery does both, in order: the journal is flushed (on a delivery
         # thread: the dispatcher never waits on disk), then the future completes.
         error = run.input_error
+        with self._lock:
+            self._ended = True  # the feeder records nothing more
 
         def flush_then_complete() -> None:
             self.close_journal()
@@ -271,7 +283,7 @@ def write_record(
     journal_run.write(key, index, item, status, value, *error, worker, pid, attempts, *times)
 
 
-def _as_range(indices: Sequence[int]) -> Sequence[int]:
+def as_range(indices: Sequence[int]) -> Sequence[int]:
     """A batch's increasing indices (a list: restored inputs leave gaps), as a range if
     they are consecutive, whose records ``Results`` takes in slices, not one by one."""
     if isinstance(indices, range) or not indices or indices[-1] - indices[0] >= len(indices):

@@ -15,10 +15,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import hooks
 from . import options as check
 from .dispatch import CancelRun, Wake
 from .executor import Executor, Job
@@ -153,7 +155,7 @@ class Pipeline:
         executors: list[Executor] = []
         try:
             executors = self._executors()
-            flow = Flow([s.name for s in self.stages], executors[-1]._dispatcher.deliveries)
+            flow = Flow([s.name for s in self.stages])
             flow.total = length or opts["total"]
             pairs: Iterator[tuple[int, Any]] = enumerate(items)
             if journal_run is not None:
@@ -203,7 +205,13 @@ class Pipeline:
         for position, handoff in enumerate(flow.handoffs):
             handoff.wake_upstream = functools.partial(posts[position], Wake())
             handoff.wake_downstream = functools.partial(posts[position + 1], Wake())
-        runs = []
+        runs = flow.runs  # filled as they start: one may end before the next starts
+
+        def cancel_runs() -> None:
+            for run, post in zip(list(runs), posts, strict=False):
+                post(CancelRun(run, StopMode.KILL))
+
+        flow.cancel_runs = cancel_runs
         try:
             for position, (s, executor) in enumerate(zip(self.stages, executors, strict=True)):
                 opts = executor._options("run", {"total": total})
@@ -213,17 +221,10 @@ class Pipeline:
                     inputs = (HandoffInput(flow.handoffs[position - 1]), False, None)
                 sink = flow.sinks[position]
                 runs.append(executor._new_run(s.fn, inputs, sink, opts, indexed=True))
+                hooks.at("pipeline.stage-started")
         except BaseException:
-            for run, post in zip(runs, posts, strict=False):
-                post(CancelRun(run, StopMode.KILL))
+            cancel_runs()
             raise
-        flow.runs = runs
-
-        def cancel_runs() -> None:
-            for run, post in zip(runs, posts, strict=True):
-                post(CancelRun(run, StopMode.KILL))
-
-        flow.cancel_runs = cancel_runs
 
 
 def _run_options(caller: str, opts: dict[str, Any]) -> dict[str, Any]:
@@ -264,8 +265,10 @@ class PipelineJob(Job):
         self._flow = flow
         self._stages = stages
         self._executors = executors
-        # nobody may wait for a background job: its pools stop when it ends
+        # nobody may wait for a background job: its pools stop when it ends (set first:
+        # if showing the view fails, the pipeline is cancelled and still cleans up)
         flow.future.add_done_callback(lambda _future: self._close(wait=False))
+        hooks.at("pipeline.job-made")
         super().__init__(flow, flow, progress, label, background, self._view_of, flow.cancel)
 
     def _view_of(self, progress: str, background: bool, cancel: Callable[[], Any]) -> View | None:
@@ -290,8 +293,16 @@ class PipelineJob(Job):
                 self._close(wait=True)
 
     def _close(self, wait: bool) -> None:
+        """Shut the stages' pools down (with ``wait``, and the flow's delivery thread:
+        return once they are gone)."""
+        ended = self._flow.future.done()
         for executor in self._executors:
-            executor.shutdown(wait=wait, cancel_futures=not self.done())
+            executor.shutdown(wait=wait, cancel_futures=not ended)
+        if wait:
+            me = threading.current_thread()
+            for thread in self._flow.deliveries.threads():
+                if thread is not me:
+                    thread.join()
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "running"

@@ -377,6 +377,10 @@ class Results(Sequence[TaskResult]):
             del column[size:]
         if self._index is not None:
             del self._index[size:]
+        for positions in (self._failure, self._duration):
+            for position in [p for p in positions if p >= size]:
+                del positions[position]
+        self._restored = {p for p in self._restored if p < size}
 
     def _copy(self) -> Results:
         """A copy of every column: C-level copies, quick enough to take under a lock."""
