@@ -135,26 +135,23 @@ class PipelineWidget:
         import ipywidgets as widgets
         from IPython.display import display
 
-        from .widget import LiveView, Summary
+        from .widget import LiveView, Summary, bar_and_cancel
 
         keep_busy_until_the_cell_ends()
         self._source = source
-        total = max(source.flow.total or 1, 1)
-        self._bar = widgets.IntProgress(value=0, min=0, max=total)
-        self._bar.bar_style = "info"
-        self._button = widgets.Button(
-            description="Cancel",
-            icon="stop",
-            tooltip="Cancel every stage: pending inputs dropped, running process tasks killed",
+        total = source.flow.total
+        self._bar, self._button = bar_and_cancel(
+            total,
+            source.cancel,
+            "Cancel every stage: pending inputs dropped, running process tasks killed",
         )
-        self._button.on_click(lambda _button: source.cancel())
         self._live_without_pumping = route_to_subshell(self._button)
         self._html = widgets.HTML()
         self._stage_bars = []
         self._stage_html = []
         rows: list[Any] = [widgets.HBox([self._bar, self._button]), self._html]
         for _stage in source.stages:
-            bar = widgets.IntProgress(value=0, min=0, max=total)
+            bar = widgets.IntProgress(value=0, min=0, max=max(total or 1, 1))
             text = widgets.HTML()
             self._stage_bars.append(bar)
             self._stage_html.append(text)

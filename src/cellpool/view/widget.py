@@ -35,6 +35,17 @@ if TYPE_CHECKING:
 REFRESH = 0.2
 
 
+def bar_and_cancel(
+    total: int | None, cancel: Callable[[], Any], tooltip: str
+) -> tuple[widgets.IntProgress, widgets.Button]:
+    """A progress bar up to ``total`` and a Cancel button that calls ``cancel``."""
+    bar = widgets.IntProgress(value=0, min=0, max=max(total or 1, 1))
+    bar.bar_style = "info"
+    button = widgets.Button(description="Cancel", icon="stop", tooltip=tooltip)
+    button.on_click(lambda _button: cancel())
+    return bar, button
+
+
 class LiveView(widgets.VBox):
     """The widget itself; its text form stays the same while it changes, so a saved
     notebook's plain-text output does not depend on when it was saved."""
@@ -77,14 +88,11 @@ class WidgetProgress:
         self._board = source.board
         self._results = source.results
         self._dashboard = source.dashboard
-        self._bar = widgets.IntProgress(value=0, min=0, max=max(run.total or 1, 1))
-        self._bar.bar_style = "info"
-        self._button = widgets.Button(
-            description="Cancel",
-            icon="stop",
-            tooltip="Cancel: pending tasks are dropped, running process tasks killed",
+        self._bar, self._button = bar_and_cancel(
+            run.total,
+            source.cancel,
+            "Cancel: pending tasks are dropped, running process tasks killed",
         )
-        self._button.on_click(lambda _button: source.cancel())
         self._all = widgets.ToggleButton(
             description="All workers",
             tooltip="List every worker, not only the few worth a look",
