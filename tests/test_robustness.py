@@ -114,3 +114,21 @@ def test_an_exception_that_cannot_be_printed_is_still_one_error_record(kind):
     assert [r.status for r in results] == ["error"] * 3
     assert {r.error_type for r in results} == {"UnprintableError"}
     assert "raise_unprintable" in results[0].traceback
+
+
+def refuse_to_start():
+    time.sleep(0.5)  # the run has been added by now: it breaks under it
+    raise RuntimeError("no such model")
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_a_pool_that_breaks_gives_every_input_of_a_list_a_record(kind):
+    """Every input gets one record even when no worker can start: the inputs not yet
+    read are recorded crashed, as a cancel records them cancelled."""
+    results = cellpool.run(
+        abs, range(100), kind=kind, workers=1, initializer=refuse_to_start, max_pending=8,
+        progress="none",
+    )  # fmt: skip
+    assert len(results) == 100
+    assert results.counts() == {"crashed": 100}
+    assert "initializer failed: RuntimeError: no such model" in results[99].error

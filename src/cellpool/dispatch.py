@@ -508,7 +508,10 @@ class Dispatcher:
         failure = Failure(type(self.broken).__name__, str(self.broken), None, self.broken)
         run.state = RunState.CANCELLED
         run.leftover = ("crashed", failure)
-        run.input.stop()
+        if run.sized:
+            run.input.drain()  # every item of a sized input gets its record, as on a cancel
+        else:
+            run.input.stop()
         for batch in [b for b in self._batches.values() if b.run is run]:
             for position in range(len(batch.items)):
                 if batch.resolve(position):
