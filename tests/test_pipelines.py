@@ -572,24 +572,27 @@ def test_records_the_input_makes_after_the_pipeline_ended_are_not_added(tmp_path
     """A journaled input's feeder reads on until its part ends: what it restores after
     the pipeline ended must not change the Results already returned."""
     journal = tmp_path / "crawl.db"
-    pipe = cellpool.pipeline(square, jittery_inc)
-    pipe.run(range(100), journal=journal, progress="none")
-    blocked, release = threading.Event(), threading.Event()
+    hold, blocked, release = threading.Event(), threading.Event(), threading.Event()
 
-    def key(x):  # user code on the feeder thread, held at input 20
-        if x == 20:
+    def key(x):  # user code on the feeder thread, held at input 20 once ``hold`` is set
+        if x == 20 and hold.is_set():
             blocked.set()
             release.wait(30)
         return str(x)
 
-    job = pipe.start(range(100), journal=journal, key=key, progress="none")
+    pipe = cellpool.pipeline(square, jittery_inc)
+    pipe.run(range(100), journal=journal, key=key, progress="none")
+    hold.set()
+    # a generator: a cancel stops reading it (a sized input is read to its end, for
+    # the records of every item)
+    job = pipe.start(iter(range(100)), journal=journal, key=key, progress="none")
     assert blocked.wait(30)
     job.cancel()
     results = job.result(timeout=30)
-    kept = len(results)
+    assert len(results) == 20 and all(r.restored for r in results)
     release.set()
     time.sleep(0.5)  # the feeder restores the rest of its part, to no one
-    assert len(results) == kept and len(list(results)) == kept
+    assert len(results) == 20 and len(list(results)) == 20
 
 
 def test_every_record_survives_stages_that_end_before_the_next_one_starts():
