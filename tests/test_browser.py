@@ -121,6 +121,27 @@ VIEW_JS = """() => {
 }"""
 VIEW_BOUND = 250  # px: the whole view, for any number of workers
 
+# A quick stage feeding a slow one, which holds it back: values wait between them.
+PIPELINE_CELL = """
+import time
+import cellpool
+
+def fetch(x):
+    time.sleep(0.01)
+    return x
+
+def slow(x):
+    time.sleep(0.05)
+    return x
+
+pipe = cellpool.pipeline(
+    cellpool.stage(fetch, kind="thread", workers=8),
+    cellpool.stage(slow, kind="process", workers=1),
+    buffer=20,
+)
+results = pipe.run(range(100))
+"""
+
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists(), reason="needs Debian's chromium: apt-get install chromium"
 )
@@ -148,6 +169,7 @@ def lab(tmp_path):
     """A JupyterLab server on 127.0.0.1 whose root holds the test notebooks."""
     _write_notebook(tmp_path / "live.ipynb", [JOB])
     _write_notebook(tmp_path / "scale.ipynb", SCALE_CELLS)
+    _write_notebook(tmp_path / "pipeline.ipynb", [PIPELINE_CELL])
     state = tmp_path / "state"
     settings = state / "settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
@@ -197,7 +219,7 @@ def lab(tmp_path):
     finally:
         for kernel in _get(f"{base}/api/kernels"):
             request = urllib.request.Request(f"{base}/api/kernels/{kernel['id']}", method="DELETE")
-            urllib.request.urlopen(request, timeout=30)
+            urllib.request.urlopen(request, timeout=30).close()
         os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=20)
@@ -334,3 +356,21 @@ def test_the_view_stays_small_for_many_workers_and_shows_why_one_is_paused(lab, 
     assert all(0 < height < 420 for height in final["pictures"])
     assert "480/480 (100%) done" in final["summaries"][0]["text"]
     assert "96/96 (100%) done" in final["summaries"][1]["text"]
+
+
+def test_a_pipelines_view_shows_each_stage_what_waits_and_then_the_bottleneck(lab, tmp_path):
+    shots = Path(os.environ.get("CELLPOOL_SHOTS", tmp_path))
+    with _notebook(lab, "pipeline.ipynb") as page:
+        page.keyboard.press("Shift+Enter")
+        output = page.locator(".jp-OutputArea").first
+        page.get_by_text(re.compile(r"[1-9]\d* waiting for slow")).first.wait_for(timeout=90_000)
+        live = output.inner_text()
+        height = output.bounding_box()["height"]
+        output.screenshot(path=shots / "pipeline.png")
+        page.get_by_text("bottleneck: slow").first.wait_for(timeout=120_000)
+        final = output.inner_text()
+    assert height < VIEW_BOUND, f"the pipeline's view is {height} px tall"
+    assert "fetch [thread x8]" in live and "slow [process x1]" in live
+    assert re.search(r"fetch -> slow · \d+/100 \(\d+%\) done", live), live
+    assert "100/100 (100%) done" in final
+    assert re.search(r"slow \[process x1\]: 100 done, 0 errors, \d+% busy", final), final
