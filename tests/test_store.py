@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import gc
 import json
 import os
@@ -226,10 +227,85 @@ def test_a_journal_of_another_schema_version_is_refused_and_left_as_it_was(path)
     with Journal(path) as journal, journal.begin("r", "f", "code") as run:
         write(run, record(0))
     connection = sqlite3.connect(path)
-    connection.execute("UPDATE cellpool_meta SET value = '2' WHERE key = 'schema_version'")
+    later = str(SCHEMA_VERSION + 1)
+    connection.execute("UPDATE cellpool_meta SET value = ? WHERE key = 'schema_version'", (later,))
     connection.commit()
     connection.close()
-    assert_refused(path, "schema version 2", f"reads version {SCHEMA_VERSION}")
+    assert_refused(path, f"schema version {later}", f"reads version {SCHEMA_VERSION}")
+
+
+VERSION_1 = (  # what a journal of schema version 1 held: a row per record
+    "CREATE TABLE cellpool_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "INSERT INTO cellpool_meta VALUES ('schema_version', '1')",
+    """CREATE TABLE runs (id INTEGER PRIMARY KEY, name TEXT NOT NULL, version INTEGER NOT NULL,
+        function TEXT NOT NULL, code TEXT NOT NULL, started REAL NOT NULL, updated REAL NOT NULL,
+        UNIQUE (name, version))""",
+    """CREATE TABLE records (run INTEGER NOT NULL REFERENCES runs (id), key TEXT NOT NULL,
+        idx INTEGER NOT NULL, item BLOB, status TEXT NOT NULL, value BLOB, error_type TEXT,
+        error TEXT, traceback TEXT, worker TEXT, pid INTEGER, attempts INTEGER NOT NULL,
+        started REAL, finished REAL, PRIMARY KEY (run, key))""",
+    "INSERT INTO runs VALUES (1, 'crawl', 1, 'fetch', 'c1', 1.0, 2.0)",
+    "INSERT INTO runs VALUES (2, 'other', 3, 'parse', 'c2', 3.0, 4.0)",
+)
+
+
+def test_a_journal_of_schema_version_1_is_upgraded_and_keeps_every_record(path):
+    connection = sqlite3.connect(path)
+    for statement in VERSION_1:
+        connection.execute(statement)
+    rows = [
+        ("k0", 0, ("item", 0), "ok", {"square": 0}, None, None, None, "w0", 11, 1, 5.0, 6.0),
+        ("k1", 1, ("item", 1), "error", None, "ValueError", "bad", "Tb\n", "w1", 12, 3, 7.0, 8.0),
+        (
+            "k2",
+            2,
+            ("item", 2),
+            "ok",
+            datetime.date(2020, 1, 2),
+            None,
+            None,
+            None,
+            "w0",
+            11,
+            1,
+            None,
+            None,
+        ),
+    ]
+    for key, index, item, status, value, *rest in rows:
+        blobs = [None if obj is None else pickle.dumps(obj) for obj in (item, value)]
+        connection.execute(
+            "INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (1 + index % 2, key, index, blobs[0], status, blobs[1], *rest),
+        )
+    connection.commit()
+    connection.close()
+    with Journal(path) as journal:
+        listed = {row["name"]: row for row in journal.runs()}
+        assert (listed["crawl"]["version"], listed["crawl"]["function"]) == (1, "fetch")
+        assert (listed["crawl"]["total"], listed["crawl"]["ok"]) == (2, 2)
+        assert (listed["other"]["total"], listed["other"]["error"]) == (1, 1)
+        assert [r.value for r in journal.load("crawl")] == [
+            {"square": 0},
+            datetime.date(2020, 1, 2),
+        ]
+        (failed,) = journal.load("other")
+        assert (failed.index, failed.item, failed.error, failed.traceback) == (
+            1,
+            ("item", 1),
+            "bad",
+            "Tb\n",
+        )
+        assert (failed.worker, failed.pid, failed.attempts, failed.started) == ("w1", 12, 3, 7.0)
+        with journal.begin("crawl", "fetch", "c1") as run:  # goes on, in the new shape
+            assert set(run.stored()) == {"k0", "k2"}
+            write(run, record(5), key="k5")
+        assert journal.runs("crawl")[0]["total"] == 3
+    with sqlite3.connect(path) as connection:
+        tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master")}
+        meta = dict(connection.execute("SELECT key, value FROM cellpool_meta"))
+    connection.close()
+    assert "records" not in tables and meta == {"schema_version": str(SCHEMA_VERSION)}
 
 
 def test_a_folder_is_refused(tmp_path):
@@ -416,17 +492,20 @@ def test_an_unpicklable_value_is_stored_as_a_pickling_error_and_the_rest_as_ok(j
     assert journal.load("r")[4].error_type == "PicklingError"
 
 
-def test_a_record_that_cannot_be_unpickled_reads_as_an_error(journal, path):
+def test_a_record_that_cannot_be_unpickled_reads_as_an_error(journal, tmp_path, monkeypatch):
+    (tmp_path / "no_such_module.py").write_text("class Thing:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import no_such_module
+
     run = journal.begin("r", "f", "code")
     write(run, record(0), key="good")
-    write(run, record(1), key="bad")
+    write(run, record(1, value=no_such_module.Thing()), key="bad")
+    write(run, record(2, value=[3]), key="also-good")
     run.close()
-    connection = sqlite3.connect(path)
-    gone = b"\x80\x05cno_such_module\nThing\n)\x81."  # an instance of a class now missing
-    connection.execute("UPDATE records SET value = ? WHERE key = 'bad'", (gone,))
-    connection.commit()
-    connection.close()
+    del sys.modules["no_such_module"]  # the class is gone, as in a later kernel
+    monkeypatch.undo()
     stored = run.stored()
+    assert stored["also-good"].value == [3]
     assert stored["good"].status == "ok"
     bad = stored["bad"]
     assert (bad.status, bad.error_type, bad.value) == ("error", "UnpicklingError", None)

@@ -51,8 +51,9 @@ from .results import _UNFILLED, Failure, Results
 from .sinks import Finished, FinishedBatch, with_results
 
 if TYPE_CHECKING:
+    from .chunks import StoredRecord
     from .runs import Run
-    from .store import JournalRun, StoredRecord
+    from .store import JournalRun
 
 
 class FlowState(enum.Enum):

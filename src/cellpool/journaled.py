@@ -35,9 +35,10 @@ from .results import Failure
 from .sinks import Finished, FinishedBatch, RecordSink, with_results
 
 if TYPE_CHECKING:
+    from .chunks import StoredRecord
     from .delivery import Deliveries
     from .runs import Run
-    from .store import JournalRun, StoredRecord
+    from .store import JournalRun
 
 RERUN = ("errors", "none", "all")  # what runs again: failures (default), nothing, all
 _FAILED = ("error", "timeout", "crashed")

@@ -2,9 +2,11 @@
 
 A journal is one SQLite file (``.cellpool/journal.db`` under the working directory by
 default). It holds runs by name; each name has versions, a new one whenever the
-function's code changes (``Journal.begin``). A version keeps one record per input key
-(``stable_key(item)`` by default), the latest written winning, so running the same
-journaled run again can skip the inputs whose stored record is ok.
+function's code changes (``Journal.begin``). A version keeps the records written for it
+by input key (``stable_key(item)`` by default), the latest of a key winning, so running
+the same journaled run again can skip the inputs whose stored record is ok. Records are
+written in chunks, one row per write transaction (chunks.py): a thousand records cost
+about as much as one.
 
 Threads, and what each owns::
 
@@ -14,14 +16,14 @@ Threads, and what each owns::
     any thread        JournalRun.stored a connection of its own, opened and closed in
                                         the call
     dispatcher        JournalRun.write  puts a tuple of the record's fields on the run's
-                      (write_many)      queue (of a batch's records, one ``_Records``):
+                      (write_many)      queue (of a batch's records, one ``Records``):
                                         never blocks, never pickles
     any thread        JournalRun.close  puts the stop mark; waits for the writer to write
                                         what is queued unless timeout=0 (then it never
                                         blocks)
     writer (per run)  _Writer           its own connection and the batch in hand; takes
-                                        from the queue (and calls ``on_taken``), pickles
-                                        items and values, writes each batch in one short
+                                        from the queue (and calls ``on_taken``), writes
+                                        what it took as one chunk, pickled, in one short
                                         transaction; sets ``written`` at the end
 
 A JournalRun uses nothing of its Journal's: it goes on after ``Journal.close()``. The
@@ -42,12 +44,10 @@ Items and values are pickled (cloudpickle): open only journals you trust.
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
-import dataclasses
 import hashlib
 import io
-import itertools
-import math
 import os
 import pickle
 import queue
@@ -56,28 +56,48 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any, Self
 
 import cloudpickle
 
-from .results import STATUSES, Results, TaskResult
+from .chunks import (
+    PLAIN,
+    Chunk,
+    Records,
+    StoredRecord,
+    count,
+    latest_statuses,
+    one_line,
+    read,
+)
+from .results import STATUSES, Results
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: records kept in chunks (chunks.py); 1 had a row per record
 BUSY_TIMEOUT = 10.0  # seconds to wait for another connection's transaction
 BATCH_SECONDS = 0.1  # a record waits at most this long to be written...
 BATCH_RECORDS = 1000  # ...or until this many are waiting
 EXIT_SECONDS = 5.0  # at interpreter exit, how long writers may take to write what is queued
-# A new file's page size (SQLite's default is 4 KiB): a transaction's inserts at random
-# keys dirty fewer pages, and the WAL, checkpointed every 1,000 pages, less often.
+# A new file's page size (SQLite's default is 4 KiB): a chunk's blobs, tens of KiB,
+# span fewer overflow pages, and the WAL, checkpointed every 1,000 pages, less often.
 PAGE_SIZE = 16384
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
 _META = "cellpool_meta"
 _STOP = object()  # on a writer's queue: write what came before, then end
 
+_CHUNKS = (
+    """CREATE TABLE chunks (
+        id INTEGER PRIMARY KEY,  -- the order rows were written in: a key's latest wins
+        run INTEGER NOT NULL REFERENCES runs (id),
+        keys BLOB NOT NULL,  -- the records' fields, pickled by column (chunks.py)
+        fields BLOB NOT NULL,
+        items BLOB NOT NULL,
+        "values" BLOB NOT NULL)""",
+    "CREATE INDEX chunks_of_run ON chunks (run, id)",
+)
 _SCHEMA = (
     f"CREATE TABLE {_META} (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     """CREATE TABLE runs (
@@ -89,49 +109,11 @@ _SCHEMA = (
         started REAL NOT NULL,
         updated REAL NOT NULL,
         UNIQUE (name, version))""",
-    """CREATE TABLE records (
-        run INTEGER NOT NULL REFERENCES runs (id),
-        key TEXT NOT NULL,
-        idx INTEGER NOT NULL,  -- the input's index ("index" is an SQL keyword)
-        item BLOB,
-        status TEXT NOT NULL,
-        value BLOB,
-        error_type TEXT,
-        error TEXT,
-        traceback TEXT,
-        worker TEXT,
-        pid INTEGER,
-        attempts INTEGER NOT NULL,
-        started REAL,
-        finished REAL,
-        PRIMARY KEY (run, key))""",
+    *_CHUNKS,
 )
-_COLUMNS = "key, idx, item, status, value, error_type, error, traceback, worker, pid, attempts"
-_SELECT = f"SELECT {_COLUMNS}, started, finished FROM records WHERE run = ?"
-
-
-def _upsert(values: str) -> str:
-    return (
-        f"INSERT INTO records (run, {_COLUMNS}, started, finished) VALUES ({values})"
-        " ON CONFLICT (run, key) DO UPDATE SET"
-        " idx = excluded.idx, item = excluded.item, status = excluded.status,"
-        " value = excluded.value, error_type = excluded.error_type, error = excluded.error,"
-        " traceback = excluded.traceback, worker = excluded.worker, pid = excluded.pid,"
-        " attempts = excluded.attempts, started = excluded.started, finished = excluded.finished"
-    )
-
-
-_UPSERT = _upsert(", ".join(["?"] * 14))
-# Records without an error: sqlite3 binds None (and bytes) only after looking for an
-# adapter, a good part of a row's cost, so their NULLs are written in the statement.
-_UPSERT_NO_ERROR = _upsert("?, ?, ?, ?, ?, ?, NULL, NULL, NULL, ?, ?, ?, ?, ?")
-
-_COUNTS = ", ".join(f"coalesce(sum(records.status = '{s}'), 0)" for s in STATUSES)
-_RUNS = (
-    "SELECT runs.name, runs.version, runs.function, runs.started, runs.updated,"
-    f" count(records.run), {_COUNTS}"
-    " FROM runs LEFT JOIN records ON records.run = runs.id"
-)
+_INSERT = 'INSERT INTO chunks (run, keys, fields, items, "values") VALUES (?, ?, ?, ?, ?)'
+_READ = 'SELECT keys, fields, items, "values" FROM chunks WHERE run = ? ORDER BY id'
+_READ_KEYS = "SELECT keys FROM chunks WHERE run = ? ORDER BY id"
 
 
 class JournalError(ValueError):
@@ -139,10 +121,6 @@ class JournalError(ValueError):
 
 
 # -- keys ------------------------------------------------------------------------------
-
-
-# Types whose pickle holds no set and never fails, so it is their key's as it is
-_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 
 
 class _SortedSets:
@@ -169,14 +147,10 @@ def _dumps_with(pickler: type[pickle.Pickler], obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
 def _key_bytes(item: Any) -> bytes:
     kind = type(item)
-    if kind in _PLAIN or (kind is tuple and all(type(part) in _PLAIN for part in item)):
+    # a plain value's pickle holds no set and never fails: it is the key's as it is
+    if kind in PLAIN or (kind is tuple and all(type(part) in PLAIN for part in item)):
         return pickle.dumps(item, protocol=5)  # the common case, in half the time
     try:
         data, pickler = pickle.dumps(item, protocol=5), _KeyPickler
@@ -185,7 +159,7 @@ def _key_bytes(item: Any) -> bytes:
             data, pickler = cloudpickle.dumps(item, protocol=5), _CloudKeyPickler
         except Exception as error:
             raise TypeError(
-                f"cellpool cannot make a key for a {type(item).__name__} item: {_one_line(error)}"
+                f"cellpool cannot make a key for a {type(item).__name__} item: {one_line(error)}"
             ) from None
     # EMPTY_SET and FROZENSET: only then is the slower, set-sorting pickler needed. The
     # bytes may also occur in data, which costs time only: the choice is the same in
@@ -210,217 +184,6 @@ def stable_key(item: Any) -> str:
 def default_path() -> Path:
     """``.cellpool/journal.db`` under the current working directory, as an absolute path."""
     return Path.cwd() / ".cellpool" / "journal.db"
-
-
-# -- records ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class StoredRecord:
-    """One input's record as the journal holds it; times are epoch seconds.
-
-    A record whose item or value cannot be unpickled now (its class is gone) reads as
-    ``"error"`` with ``error_type`` ``"UnpicklingError"``, so a resumed run runs it again.
-    """
-
-    key: str
-    index: int
-    item: Any
-    status: str
-    value: Any
-    error_type: str | None
-    error: str | None
-    traceback: str | None
-    worker: str | None
-    pid: int | None
-    attempts: int
-    started: float | None
-    finished: float | None
-
-    def task_result(self) -> TaskResult:
-        """This record as a ``TaskResult``."""
-        timed = self.started is not None and self.finished is not None
-        return TaskResult(
-            index=self.index,
-            item=self.item,
-            status=self.status,
-            value=self.value,
-            error_type=self.error_type,
-            error=self.error,
-            traceback=self.traceback,
-            worker=self.worker,
-            pid=self.pid,
-            attempts=self.attempts,
-            started=self.started,
-            finished=self.finished,
-            duration=self.finished - self.started if timed else None,  # type: ignore[operator]
-        )
-
-
-def _loads(blob: bytes | None) -> Any:
-    return None if blob is None else pickle.loads(blob)
-
-
-def _stored(row: tuple[Any, ...]) -> StoredRecord:
-    """A row of ``_SELECT`` as a record, its item and value unpickled."""
-    key, index, item, status, value, error_type, error, traceback, *rest = row
-    try:
-        item = _loads(item)
-    except Exception as exc:
-        item, value = None, None
-        status, error_type, traceback = "error", "UnpicklingError", None
-        error = f"the item could not be loaded from the journal: {_one_line(exc)}"
-    else:
-        try:
-            value = _loads(value)
-        except Exception as exc:
-            value, status, error_type, traceback = None, "error", "UnpicklingError", None
-            error = f"the value could not be loaded from the journal: {_one_line(exc)}"
-    return StoredRecord(key, index, item, status, value, error_type, error, traceback, *rest)
-
-
-def _dumps(obj: Any) -> bytes | None:
-    """``obj`` pickled: by the standard pickle, a tenth of cloudpickle's cost per call,
-    unless it cannot or names something of ``__main__``, which a later kernel may not
-    have (cloudpickle keeps such things by value)."""
-    if obj is None:
-        return None
-    try:
-        data = pickle.dumps(obj, protocol=5)
-    except Exception:
-        return cloudpickle.dumps(obj, protocol=5)
-    return cloudpickle.dumps(obj, protocol=5) if b"__main__" in data else data
-
-
-def _pickled(
-    what: str, obj: Any, dumps: Callable[[Any], bytes | None] = _dumps
-) -> tuple[bytes | None, str | None]:
-    """``obj`` pickled, or ``None`` and why it could not be."""
-    try:
-        return dumps(obj), None
-    except Exception as exc:
-        return None, f"the {what} could not be saved in the journal: {_one_line(exc)}"
-
-
-def _row(run: int, record: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A record from ``JournalRun.write`` as a row of ``_UPSERT``, item and value pickled.
-
-    An ok record whose value or item cannot be pickled is stored as an error; a failed
-    one keeps its own error (its item stored as ``None``).
-    """
-    key, index, item, status, value, error_type, error, traceback, *rest = record
-    value, value_failure = _pickled("value", value)
-    item, item_failure = _pickled("item", item)
-    row = (run, key, index, item, status, value, error_type, error, traceback, *rest)
-    failure = value_failure or item_failure
-    return _as_error(row, failure) if failure and status == "ok" else row
-
-
-def _as_error(row: tuple[Any, ...], why: str) -> tuple[Any, ...]:
-    """An ok row of ``_UPSERT`` whose item or value could not be pickled, as an error."""
-    return (*row[:4], "error", row[5], "PicklingError", why, None, *row[9:])
-
-
-class _Records(NamedTuple):
-    """Records queued by ``JournalRun.write_many``, field by field."""
-
-    keys: Sequence[str]
-    indices: Sequence[int]
-    items: Sequence[Any]
-    status: str
-    values: Sequence[Any] | None
-    error_type: str | None
-    error: str | None
-    traceback: str | None
-    worker: str | None
-    pid: int | None
-    attempts: int | Sequence[int]
-    started: Sequence[float] | None
-    finished: Sequence[float] | None
-    offset: float
-
-
-def _rows(run: int, records: _Records) -> tuple[str, list[tuple[Any, ...]]]:
-    """Records from ``JournalRun.write_many`` as rows, items and values pickled, and the
-    statement that writes them; pickling failures as in ``_row``."""
-    count = len(records.keys)
-
-    def each(value: Any) -> Iterable[Any]:
-        return itertools.repeat(value, count)
-
-    items, failures = _pickled_all("item", records.items)
-    if records.values is None:
-        values: Iterable[Any] = each(None)
-    else:
-        values, value_failures = _pickled_all("value", records.values)
-        failures.update(value_failures)  # the value's reason wins, as in _row
-    attempts = records.attempts
-    head = (each(run), records.keys, records.indices, items, each(records.status), values)
-    tail = (
-        each(records.worker),
-        each(records.pid),
-        each(attempts) if isinstance(attempts, int) else attempts,
-        _epoch(records.started, records.offset, count),
-        _epoch(records.finished, records.offset, count),
-    )
-    if records.error_type is None and not failures:
-        return _UPSERT_NO_ERROR, list(zip(*head, *tail, strict=True))
-    error = map(each, (records.error_type, records.error, records.traceback))
-    rows = list(zip(*head, *error, *tail, strict=True))
-    if records.status == "ok":
-        for position, why in failures.items():
-            rows[position] = _as_error(rows[position], why)
-    return _UPSERT, rows
-
-
-def _pickled_all(what: str, objs: Sequence[Any]) -> tuple[list[bytearray | None], dict[int, str]]:
-    """``objs`` pickled as ``_dumps`` pickles each, and why (by position) any could not be.
-
-    As bytearrays: sqlite3 binds those at once, bytes only after looking for an adapter.
-    """
-    try:
-        blobs = [None if obj is None else pickle.dumps(obj, protocol=5) for obj in objs]
-    except Exception:  # one cannot be: each on its own
-        pairs = [_pickled(what, obj) for obj in objs]
-        blobs = [blob for blob, _ in pairs]
-        failures = {k: why for k, (_, why) in enumerate(pairs) if why}
-    else:
-        failures = {}
-        # One search of them all: a match across two pickles only costs a look at each.
-        if b"__main__" in b"".join(filter(None, blobs)):
-            for k, blob in enumerate(blobs):
-                if blob is not None and b"__main__" in blob:
-                    blobs[k], why = _pickled(what, objs[k], _by_value)
-                    if why is not None:
-                        failures[k] = why
-    return [None if blob is None else bytearray(blob) for blob in blobs], failures
-
-
-def _by_value(obj: Any) -> bytes:
-    return cloudpickle.dumps(obj, protocol=5)
-
-
-def _epoch(times: Sequence[float] | None, offset: float, count: int) -> Iterable[float | None]:
-    """Times on a clock ``offset`` seconds behind the epoch as epoch seconds (NaN: none)."""
-    if times is None:
-        return itertools.repeat(None, count)
-    return [None if math.isnan(seconds) else seconds + offset for seconds in times]
-
-
-def _statements(run: int, taken: list[Any]) -> list[tuple[str, list[tuple[Any, ...]]]]:
-    """What the writer took, in order, as statements and their rows: consecutive rows
-    of one statement go together, so single records cost one ``executemany``."""
-    statements: list[tuple[str, list[tuple[Any, ...]]]] = []
-    for entry in taken:
-        if isinstance(entry, _Records):
-            statement, rows = _rows(run, entry)
-        else:
-            statement, rows = _UPSERT, [_row(run, entry)]
-        if statements and statements[-1][0] == statement:
-            statements[-1][1].extend(rows)
-        else:
-            statements.append((statement, rows))
-    return statements
 
 
 # -- the file --------------------------------------------------------------------------
@@ -480,7 +243,7 @@ def _check_header(path: Path) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise JournalError(f"{path}: cannot be read ({_one_line(exc)})") from None
+        raise JournalError(f"{path}: cannot be read ({one_line(exc)})") from None
     if header and header != _SQLITE_HEADER:
         raise JournalError(f"{path}: not a cellpool journal (not an SQLite database)")
 
@@ -498,17 +261,51 @@ def _create(connection: sqlite3.Connection) -> None:
             )
 
 
-def _check_schema(connection: sqlite3.Connection, path: Path) -> None:
+def _check_schema(connection: sqlite3.Connection, path: Path) -> str:
+    """The file's schema version: this one, or one this cellpool upgrades."""
     if _META not in _tables(connection):
         raise JournalError(
             f"{path}: not a cellpool journal (an SQLite database without a {_META} table)"
         )
-    row = connection.execute(f"SELECT value FROM {_META} WHERE key = 'schema_version'").fetchone()
-    found = row[0] if row is not None else "unknown"
-    if found != str(SCHEMA_VERSION):
+    found = _schema_version(connection)
+    if found not in (str(SCHEMA_VERSION), _UPGRADABLE):
         raise JournalError(
             f"{path}: a cellpool journal of schema version {found}; "
             f"this cellpool reads version {SCHEMA_VERSION}"
+        )
+    return found
+
+
+def _schema_version(connection: sqlite3.Connection) -> str:
+    row = connection.execute(f"SELECT value FROM {_META} WHERE key = 'schema_version'").fetchone()
+    return row[0] if row is not None else "unknown"
+
+
+_UPGRADABLE = "1"
+_VERSION_1_RECORDS = (
+    "SELECT key, idx, item, status, value, error_type, error, traceback, worker, pid,"
+    " attempts, started, finished FROM records WHERE run = ? ORDER BY rowid"
+)
+
+
+def _upgrade(connection: sqlite3.Connection) -> None:
+    """Rewrite a version 1 file, a row per record, as chunks; items and values keep
+    their pickles, so nothing is unpickled or lost."""
+    with _transaction(connection):
+        if _schema_version(connection) != _UPGRADABLE:
+            return  # another connection upgraded it meanwhile
+        for statement in _CHUNKS:
+            connection.execute(statement)
+        for (run,) in connection.execute("SELECT id FROM runs").fetchall():
+            rows = connection.execute(_VERSION_1_RECORDS, (run,))
+            while part := rows.fetchmany(BATCH_RECORDS):
+                chunk = Chunk(pickled=True)
+                for row in part:
+                    chunk.add(row)
+                connection.execute(_INSERT, (run, *chunk.blobs()))
+        connection.execute("DROP TABLE records")
+        connection.execute(
+            f"UPDATE {_META} SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
         )
 
 
@@ -532,22 +329,24 @@ def _use_wal(connection: sqlite3.Connection) -> None:
 
 
 def _open(path: Path) -> sqlite3.Connection:
-    """A connection to the journal at ``path``, which is made if new; nothing is written
-    to a file that is not a journal of this ``SCHEMA_VERSION``."""
+    """A connection to the journal at ``path``, which is made if new, or upgraded from
+    an earlier schema; nothing is written to a file that is not a cellpool journal."""
     _check_header(path)
     try:
         connection = _connect(path, create=True)
     except sqlite3.Error as exc:
-        raise JournalError(f"{path}: cannot be opened ({_one_line(exc)})") from None
+        raise JournalError(f"{path}: cannot be opened ({one_line(exc)})") from None
     try:
         if not _tables(connection):
             _create(connection)
-        _check_schema(connection, path)
+        version = _check_schema(connection, path)
         _use_wal(connection)
         _configure(connection)
+        if version == _UPGRADABLE:
+            _upgrade(connection)
     except sqlite3.Error as exc:
         connection.close()
-        raise JournalError(f"{path}: cannot be used as a journal ({_one_line(exc)})") from None
+        raise JournalError(f"{path}: cannot be used as a journal ({one_line(exc)})") from None
     except BaseException:
         connection.close()
         raise
@@ -580,10 +379,10 @@ class _Writer:
         self._run = run
         self.thread = threading.Thread(target=self._serve, name="cellpool-journal", daemon=True)
 
-    def put(self, entry: tuple[Any, ...], count: int) -> None:
-        """Queue a record, or ``count`` records (``_Records``), for the thread (never blocks)."""
+    def put(self, entry: Records | tuple[Any, ...]) -> None:
+        """Queue a record's fields, or ``Records``, for the thread (never blocks)."""
         with self.lock:
-            self.queued += count
+            self.queued += count(entry)
         self.queue.put(entry)
 
     def stop(self) -> None:
@@ -613,16 +412,16 @@ class _Writer:
                 connection.close()
 
     def _take(self) -> tuple[list[Any], bool]:
-        """The next records to write (tuples of one record's fields, and ``_Records``):
+        """The next records to write (tuples of one record's fields, and ``Records``):
         what comes within ``BATCH_SECONDS`` of the first, until ``BATCH_RECORDS`` are
         taken; and whether the stop mark came."""
         first = self.queue.get()
         if first is _STOP:
             return [], True
-        taken, count = [first], _count(first)
+        taken, size = [first], count(first)
         deadline = time.monotonic() + BATCH_SECONDS
         stop = False
-        while count < BATCH_RECORDS:
+        while size < BATCH_RECORDS:
             try:
                 entry = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
@@ -631,13 +430,16 @@ class _Writer:
                 stop = True
                 break
             taken.append(entry)
-            count += _count(entry)
-        self.taken += count
+            size += count(entry)
+        self.taken += size
         return taken, stop
 
     def _save(self, connection: sqlite3.Connection, taken: list[Any]) -> None:
         try:
-            statements = _statements(self._run, taken)  # before taking the lock
+            chunk = Chunk()
+            for entry in taken:
+                chunk.add(entry)
+            row = (self._run, *chunk.blobs())  # pickled before taking the lock
             self._check_file()
             with _transaction(connection):
                 updated = connection.execute(
@@ -645,8 +447,7 @@ class _Writer:
                 )
                 if updated.rowcount == 0:
                     raise _Unwritable("the run was forgotten")
-                for statement, rows in statements:
-                    connection.executemany(statement, rows)
+                connection.execute(_INSERT, row)
         except Exception as exc:
             self._fail(exc)
 
@@ -662,15 +463,11 @@ class _Writer:
     def _fail(self, error: BaseException) -> None:
         self.failed = True
         warnings.warn(
-            f"cellpool: the journal {self._path} could not be written ({_one_line(error)}); "
+            f"cellpool: the journal {self._path} could not be written ({one_line(error)}); "
             f"{self._label} is no longer journaled",
             RuntimeWarning,
             stacklevel=1,
         )
-
-
-def _count(entry: Any) -> int:
-    return len(entry.keys) if isinstance(entry, _Records) else 1
 
 
 _writers: weakref.WeakSet[_Writer] = weakref.WeakSet()
@@ -748,10 +545,9 @@ class JournalRun(_Closes):
         try:
             connection = _connect(self.path, create=False)
         except sqlite3.Error as exc:
-            raise JournalError(f"{self.path}: cannot be read ({_one_line(exc)})") from None
+            raise JournalError(f"{self.path}: cannot be read ({one_line(exc)})") from None
         with contextlib.closing(connection):
-            rows = connection.execute(_SELECT, (self._run,)).fetchall()
-        return {row[0]: _stored(row) for row in rows}
+            return _latest(connection, self._run)
 
     def write(
         self,
@@ -779,7 +575,7 @@ class JournalRun(_Closes):
         """
         if not self._closed:
             record = (key, index, item, status, value, error_type, error, traceback)
-            self._writer.put((*record, worker, pid, attempts, started, finished), 1)
+            self._writer.put((*record, worker, pid, attempts, started, finished))
 
     def write_many(
         self,
@@ -806,11 +602,11 @@ class JournalRun(_Closes):
         epoch; a NaN time is none. The sequences must not change once queued.
         """
         if not self._closed:
-            records = _Records(
+            records = Records(
                 keys, indices, items, status, values, error_type, error, traceback,
                 worker, pid, attempts, started, finished, offset,
             )  # fmt: skip
-            self._writer.put(records, len(keys))
+            self._writer.put(records)
 
     def close(self, timeout: float | None = None) -> None:
         """Write what is queued, then stop the writer thread and close its connection.
@@ -822,6 +618,19 @@ class JournalRun(_Closes):
         self._closed = True
         self._finalizer()  # the stop mark, put once
         self._writer.written.wait(timeout)
+
+
+def _latest(connection: sqlite3.Connection, run: int) -> dict[str, StoredRecord]:
+    """Key -> the latest record of that key in run ``run``."""
+    latest: dict[str, StoredRecord] = {}
+    for row in connection.execute(_READ, (run,)):
+        for record in read(*row):
+            latest[record.key] = record
+    return latest
+
+
+def _index(record: StoredRecord) -> int:
+    return record.index
 
 
 _RUN_COLUMNS = ("name", "version", "function", "started", "updated", "total", *STATUSES)
@@ -845,7 +654,7 @@ class Journal(_Closes):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise JournalError(
-                f"{self.path}: its folder cannot be made ({_one_line(exc)})"
+                f"{self.path}: its folder cannot be made ({one_line(exc)})"
             ) from None
         self._connection = _open(self.path)
         self._identity = _identity(self.path)
@@ -893,11 +702,20 @@ class Journal(_Closes):
         """One row per run version (all runs, or those named ``name``), ready for
         ``pandas.DataFrame``: name, version, function, started, updated (epoch seconds),
         total, and a count per status (ok, error, timeout, crashed, cancelled)."""
-        where, parameters = ("", ()) if name is None else (" WHERE runs.name = ?", (name,))
-        rows = self._connection.execute(
-            f"{_RUNS}{where} GROUP BY runs.id ORDER BY runs.name, runs.version", parameters
-        )
-        return [dict(zip(_RUN_COLUMNS, row, strict=True)) for row in rows]
+        where, parameters = ("", ()) if name is None else (" WHERE name = ?", (name,))
+        listed = []
+        with _transaction(self._connection, "DEFERRED"):  # one snapshot for every read
+            runs = self._connection.execute(
+                "SELECT id, name, version, function, started, updated FROM runs"
+                f"{where} ORDER BY name, version",
+                parameters,
+            )
+            for run, *described in runs.fetchall():
+                statuses = latest_statuses(self._connection.execute(_READ_KEYS, (run,)))
+                tally = collections.Counter(statuses.values())
+                counts = (len(statuses), *(tally[status] for status in STATUSES))
+                listed.append(dict(zip(_RUN_COLUMNS, (*described, *counts), strict=True)))
+        return listed
 
     def load(self, name: str, version: int | None = None) -> Results:
         """The records of run ``name`` (its latest version by default) in index order,
@@ -905,21 +723,22 @@ class Journal(_Closes):
         call's. An unknown name or version raises ``KeyError``."""
         with _transaction(self._connection, "DEFERRED"):  # one snapshot for both reads
             run = self._find(name, version)
-            rows = self._connection.execute(f"{_SELECT} ORDER BY idx, rowid", (run,)).fetchall()
-        return Results(_stored(row).task_result() for row in rows)
+            records = _latest(self._connection, run).values()
+        # sorted is stable: records of one index keep the order their keys came in
+        return Results(record.task_result() for record in sorted(records, key=_index))
 
     def forget(self, name: str, version: int | None = None) -> int:
         """Delete run ``name`` (every version if ``version`` is ``None``); how many
-        records were deleted. The file does not shrink: later records reuse its space."""
+        records (inputs' latest) it held. The file does not shrink: later records reuse
+        its space."""
         where = "name = ?" if version is None else "name = ? AND version = ?"
         parameters = (name,) if version is None else (name, version)
         deleted = 0
         with _transaction(self._connection):
             runs = self._connection.execute(f"SELECT id FROM runs WHERE {where}", parameters)
             for (run,) in runs.fetchall():
-                deleted += self._connection.execute(
-                    "DELETE FROM records WHERE run = ?", (run,)
-                ).rowcount
+                deleted += len(latest_statuses(self._connection.execute(_READ_KEYS, (run,))))
+                self._connection.execute("DELETE FROM chunks WHERE run = ?", (run,))
                 self._connection.execute("DELETE FROM runs WHERE id = ?", (run,))
         return deleted
 
