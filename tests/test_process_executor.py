@@ -226,7 +226,7 @@ def test_the_pool_stays_warm_across_runs():
     with Executor("process", 2, progress="none") as ex:
         first = {r.pid for r in ex.run(worker_pid, range(50))}
         second = {r.pid for r in ex.run(worker_pid, range(50))}
-    assert first == second
+    assert second and second <= first  # the same processes (50 quick tasks may need one)
 
 
 def test_what_a_task_prints_reaches_the_caller_prefixed_by_worker(capfd):

@@ -84,3 +84,47 @@ def nap_then_mark(seconds, marker):
     if seconds:
         open(marker, "w").close()
     return seconds
+
+
+def first_batch_sizes(ex, monkeypatch) -> dict[str, int]:
+    """Run name -> how many tasks the first batch sent for it held (a spy on the pool)."""
+    pool = ex._dispatcher.pool
+    send, sizes = pool.send, {}
+
+    def spy(batch):
+        sizes.setdefault(batch.run.fn.__name__, len(batch.items))
+        send(batch)
+
+    monkeypatch.setattr(pool, "send", spy)
+    return sizes
+
+
+def inc(x):
+    return x + 1
+
+
+def dec(x):
+    return x - 1
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_a_warm_executor_sizes_a_rerun_from_the_last_run_of_its_function(kind, monkeypatch):
+    with Executor(kind, 2, progress="none") as ex:
+        assert ex.run(inc, range(2000)).ok  # measures inc's tasks
+        sizes = first_batch_sizes(ex, monkeypatch)
+        assert ex.run(inc, range(2000)).values == list(range(1, 2001))
+        assert ex.run(dec, range(2000)).ok
+    # a function never run here is measured on one task first; inc needs no measuring
+    assert sizes["dec"] == 1 and sizes["inc"] > 10, sizes
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_a_rerun_whose_tasks_got_slow_still_spreads_over_every_worker(kind):
+    # The estimate the rerun starts from is the quick run's: its first batch takes many
+    # slow tasks, and recalling them is what spreads them out.
+    with Executor(kind, 2, progress="none") as ex:
+        assert ex.run(nap, [0.0] * 3000).ok
+        results = ex.run(nap, [SLOW] * 80)
+    assert results.ok
+    per_worker = slow_tasks_per_worker(results)
+    assert len(per_worker) == 2 and per_worker[0] >= 20, per_worker

@@ -23,12 +23,15 @@ code: it does not iterate inputs, pickle, write to pipes or complete futures. Ti
 are its alone to enforce, on the monotonic clock, for every kind of pool: it orders a
 stop and, when the pool reports the worker gone, gives the task its record. When a
 worker idles and nothing waits, it recalls the batch holding the most work not started
-(``_rebalance``); what the worker gives back (``Returned``) is sent again.
+(``_rebalance``); what the worker gives back (``Returned``) is sent again. A run sizes
+its batches from the seconds per task it measures, starting from its function's last
+run on this executor if there was one (``_estimates``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures.thread  # noqa: F401 (its exit hook first: ours must run before it)
+import contextlib
 import enum
 import heapq
 import itertools
@@ -197,6 +200,9 @@ class Dispatcher:
         self._stops: dict[str, StopOrder] = {}
         self._start_failures = 0
         self._published = 0.0
+        # function -> seconds per task its last run measured: a run of it on this warm
+        # executor sizes its first batches from that instead of measuring one task first
+        self._estimates: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self._shutdowns: list[Shutdown] = []
         self._handlers: dict[type, str] = {  # names, not bound methods: no cycle
             AddRun: "_add_run",
@@ -312,6 +318,8 @@ class Dispatcher:
             self._break_run(run)
             return
         self._runs.append(run)
+        with contextlib.suppress(TypeError):  # a callable that takes no weak reference
+            run.item_seconds = self._estimates.get(run.fn)
         run.grant()
 
     def _shutdown(self, event: Shutdown) -> None:
@@ -709,5 +717,8 @@ class Dispatcher:
         run.input.stop()
         run.state = RunState.DONE
         run.sink.finish(run)
+        if run.item_seconds is not None and run.future is None:
+            with contextlib.suppress(TypeError):
+                self._estimates[run.fn] = run.item_seconds
         run.fn = None  # type: ignore[assignment]  # a run's callable outlives no run
         run.finished.set()
