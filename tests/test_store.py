@@ -838,3 +838,87 @@ def test_two_processes_write_one_file_at_once(tmp_path):
     connection = sqlite3.connect(path)
     assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     connection.close()
+
+
+# -- chunks: what a row holds ----------------------------------------------------------
+
+
+def records_in_rows(path) -> int:
+    """How many records the file's rows hold, replaced ones included."""
+    with sqlite3.connect(path) as connection:
+        blobs = connection.execute("SELECT keys FROM chunks").fetchall()
+    connection.close()
+    return sum(len(pickle.loads(keys)[0]) for (keys,) in blobs)
+
+
+class Key(str):
+    """A key of a ``str`` subclass, as ``numpy.str_`` is."""
+
+
+def test_text_of_str_subclasses_is_kept_as_plain_text(journal, path):
+    class Message(str):  # defined here: it cannot be pickled at all
+        pass
+
+    run = journal.begin("r", "f", "code")
+    write(run, record(0), key=Key("first"))
+    failed = record(1, "error", error=Message("bad 1"), worker=Message("w1"))
+    write(run, failed, key=Message("second"))
+    run.close()
+    stored = run.stored()
+    assert set(stored) == {"first", "second"}
+    assert all(type(key) is str for key in stored)
+    second = stored["second"]
+    assert (second.error, second.worker) == ("bad 1", "w1")
+    assert type(second.error) is str and type(second.worker) is str
+    assert [r.status for r in journal.load("r")] == ["ok", "error"]
+
+
+@pytest.mark.parametrize("page", [bytes, lambda data: {"page": data}], ids=["plain", "pickled"])
+def test_records_too_large_for_one_row_are_split_over_several(journal, path, monkeypatch, page):
+    from cellpool import chunks
+
+    monkeypatch.setattr(chunks, "ROW_BYTES", 10_000)
+    values = [page(i.to_bytes(2, "big") * 500) for i in range(100)]
+    run = journal.begin("r", "f", "code")
+    run.write_many(
+        [f"k{i}" for i in range(100)], range(100), list(range(100)), "ok", values,
+        None, None, None, "w0", 1, 1, None, None,
+    )  # fmt: skip
+    run.close()
+    with sqlite3.connect(path) as connection:
+        (rows,) = connection.execute("SELECT count(*) FROM chunks").fetchone()
+    connection.close()
+    assert rows >= 10
+    loaded = journal.load("r")
+    assert [r.index for r in loaded] == list(range(100))
+    assert [r.value for r in loaded] == values and loaded.ok
+
+
+def test_replaced_records_are_dropped_once_they_outnumber_the_rest(journal, path, monkeypatch):
+    monkeypatch.setattr(journal_module, "COMPACT_AT", 1000)
+    for round_ in range(5):  # 20 inputs, run five times over (rerun="all")
+        with journal.begin("r", "f", "code") as run:
+            for i in range(20):
+                write(run, record(i, value=(round_, i)), key=f"k{i}")
+            if round_ == 2:
+                write(run, record(99, "timeout"), key="k99")  # an input of one round only
+    assert records_in_rows(path) == 101
+    monkeypatch.setattr(journal_module, "COMPACT_AT", 10)
+    with journal.begin("r", "f", "code"):
+        pass
+    assert records_in_rows(path) == 21
+    assert [r.value for r in journal.load("r")] == [(4, i) for i in range(20)] + [None]
+    assert journal.runs()[0]["total"] == 21 and journal.runs()[0]["timeout"] == 1
+
+
+def test_a_forgotten_run_whose_id_a_new_run_takes_writes_nothing_into_it(journal):
+    forgotten = journal.begin("old", "f", "code")
+    write(forgotten, record(0))
+    assert not settle(lambda: not forgotten.stored(), seconds=5)
+    journal.forget("old")
+    with journal.begin("new", "f", "code") as new:  # the same row id, now free
+        write(new, record(1), key="new-key")
+    with pytest.warns(RuntimeWarning, match="the run was forgotten"):
+        write(forgotten, record(2), key="old-key")
+        forgotten.close()
+    assert [r.index for r in journal.load("new")] == [1]

@@ -1,22 +1,26 @@
-"""How a journal keeps records: a *chunk* of records in one row, a column per field.
+"""How a journal keeps records: a *chunk* of records in a row, a column per field.
 
 The journal's writer takes the records that came within its batch interval and writes
-them as one row of the ``chunks`` table, in one short transaction (store.py). A row
-holds four blobs, each a pickle of one or more lists whose positions are the records':
+them as one row of the ``chunks`` table (more if they are large, see ``ROW_BYTES``), in
+one short transaction (store.py). A row holds four blobs, each a pickle of lists whose
+positions are the records':
 
     keys     (keys, statuses): all that listing runs and counting statuses reads
     fields   (indices, error types, errors, tracebacks, workers, pids, attempts,
-             started, finished): plain values, times in epoch seconds or ``None``
-    items    a ``Column`` of the records' items
-    values   a ``Column`` of their values
+             started, finished): ``int``, ``float``, exact ``str`` or ``None`` only,
+             so the blob loads in any kernel (text of a ``str`` subclass is copied out)
+    items    a column of the records' items
+    values   a column of their values
 
-A column of plain values (``int``, ``str``...: nothing a later kernel could lack) is
-pickled in one call. Any other column is pickled a value at a time, so that a value
-that cannot be pickled now, or loaded later (its class is gone), costs its own record
-only: an ok record whose item or value cannot be pickled is kept as an ``"error"``
-(``PicklingError``); one that cannot be loaded reads as an ``"error"``
-(``UnpicklingError``), so a resumed run runs it again. A failed record keeps its own
-error; its unpicklable item is kept as ``None``.
+A column of plain values (``PLAIN``) is pickled in one call: ``(True, values)``. Any
+other column is pickled a value at a time, ``(False, [pickle or None])``, so that a
+value that cannot be pickled now, or loaded later (its class is gone), costs its own
+record only. An ok record whose item or value cannot be pickled is kept as an
+``"error"`` (``PicklingError``; the value's reason if both fail, as it is the record's
+result); one that cannot be loaded reads as an ``"error"`` (``UnpicklingError``; the
+item's reason first, as a record without its item cannot be run again as it was), so
+a resumed run runs it again. A failed record keeps its own error; its unpicklable item
+is kept as ``None``.
 
 Rows are read in the order they were written, and a key's latest record wins.
 """
@@ -32,16 +36,17 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
+from .errors import one_line
 from .results import TaskResult
 
-# Types whose pickle names no class, module or function: it loads in any kernel
+# Types whose pickle names no class, module or function and never fails: it loads in
+# any kernel, and is what a journal key hashes as it is
 PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+# A row's items and values together at most (SQLite refuses a blob over 1 GB): records
+# over this are split over more rows of the same transaction
+ROW_BYTES = 64 * 2**20
 
-
-def one_line(error: BaseException) -> str:
-    """The first line of ``error``'s message, or its type's name."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+Blobs = tuple[bytes, bytes, bytes, bytes]  # a row's keys, fields, items and values
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -105,13 +110,28 @@ class Records(NamedTuple):
     offset: float  # seconds from the times' clock to the epoch
 
 
-def count(entry: Records | tuple[Any, ...]) -> int:
-    """How many records a queue entry holds: a ``Records``, or one record's fields."""
+def records_in(entry: Records | tuple[Any, ...]) -> int:
+    """How many records a writer's queue entry holds: a ``Records``, or one record's
+    fields in ``JournalRun.write``'s order."""
     return len(entry.keys) if isinstance(entry, Records) else 1
 
 
+class _Fields(NamedTuple):
+    """The plain columns of a chunk, in the order of a row's ``fields`` blob."""
+
+    indices: list[int]
+    error_types: list[str | None]
+    errors: list[str | None]
+    tracebacks: list[str | None]
+    workers: list[str | None]
+    pids: list[int | None]
+    attempts: list[int]
+    started: list[float | None]
+    finished: list[float | None]
+
+
 class Chunk:
-    """Records gathered, field by field, to be written as one row (on the writer thread).
+    """Records gathered, field by field, to be written as a row (on the writer thread).
 
     ``pickled``: the records' items and values are pickles already (or ``None``), as a
     journal of schema version 1 kept them; they are kept as they are.
@@ -123,20 +143,20 @@ class Chunk:
         self.statuses: list[str] = []
         self.items: list[Any] = []
         self.values: list[Any] = []
-        # indices, error types, errors, tracebacks, workers, pids, attempts, started, finished
-        self.fields: tuple[list[Any], ...] = tuple([] for _ in range(9))
+        self.fields = _Fields(*([] for _ in _Fields._fields))
 
     def add(self, entry: Records | tuple[Any, ...]) -> None:
         """Add a ``Records``, or one record's fields in ``JournalRun.write``'s order."""
         if isinstance(entry, Records):
             self._add_many(entry)
             return
-        key, index, item, status, value, *fields = entry
-        self.keys.append(key)
+        key, index, item, status, value, error_type, error, traceback, worker, *rest = entry
+        self.keys.append(_text(key))
         self.statuses.append(status)
         self.items.append(item)
         self.values.append(value)
-        for column, field in zip(self.fields, (index, *fields), strict=True):
+        texts = map(_text, (error_type, error, traceback, worker))
+        for column, field in zip(self.fields, (index, *texts, *rest), strict=True):
             column.append(field)
 
     def _add_many(self, records: Records) -> None:
@@ -145,19 +165,17 @@ class Chunk:
         def each(value: Any) -> Iterable[Any]:
             return itertools.repeat(value, size)
 
-        attempts = records.attempts
-        self.keys.extend(records.keys)
+        keys, attempts = records.keys, records.attempts
+        self.keys.extend(keys if set(map(type, keys)) <= {str} else map(_text, keys))
         self.statuses.extend(each(records.status))
         self.items.extend(records.items)
         self.values.extend(each(None) if records.values is None else records.values)
+        texts = (records.error_type, records.error, records.traceback, records.worker)
         for column, field in zip(
             self.fields,
             (
                 records.indices,
-                each(records.error_type),
-                each(records.error),
-                each(records.traceback),
-                each(records.worker),
+                *(each(_text(text)) for text in texts),
                 each(records.pid),
                 each(attempts) if isinstance(attempts, int) else attempts,
                 _epoch(records.started, records.offset, size),
@@ -167,86 +185,115 @@ class Chunk:
         ):
             column.extend(field)
 
-    def blobs(self) -> tuple[bytes, bytes, bytes, bytes]:
-        """The row's keys, fields, items and values, pickled (see the module docstring)."""
+    def rows(self) -> list[Blobs]:
+        """The chunk as rows' blobs: one row, or more if its items and values pickle
+        to over ``ROW_BYTES``."""
         if self._pickled:
-            items, values = (
-                pickle.dumps((False, blobs), protocol=5) for blobs in (self.items, self.values)
-            )
-            item_failures = value_failures = {}
+            items, values = (_pickled_column(blobs) for blobs in (self.items, self.values))
         else:
-            items, item_failures = _column("item", self.items)
-            values, value_failures = _column("value", self.values)
-        statuses, errors = self.statuses, self.fields[1:4]
-        failures = {**item_failures, **value_failures}  # the value's reason wins
-        for position, why in failures.items():
-            if statuses[position] == "ok":
-                statuses[position] = "error"
-                for column, field in zip(errors, ("PicklingError", why, None), strict=True):
-                    column[position] = field
-        return (
-            pickle.dumps((self.keys, statuses), protocol=5),
-            pickle.dumps(self.fields, protocol=5),
-            items,
-            values,
-        )
+            items, values = self._columns()
+        if len(items) + len(values) > ROW_BYTES and len(self.keys) > 1:
+            half = len(self.keys) // 2
+            return [*self._part(0, half).rows(), *self._part(half, len(self.keys)).rows()]
+        keys = pickle.dumps((self.keys, self.statuses), protocol=5)
+        return [(keys, pickle.dumps(tuple(self.fields), protocol=5), items, values)]
+
+    def _columns(self) -> tuple[bytes, bytes]:
+        """The items and values columns; an ok record whose item or value could not be
+        pickled becomes an error, here (see the module docstring)."""
+        items, item_failures = _column("item", self.items)
+        values, value_failures = _column("value", self.values)
+        fields = self.fields
+        for position, why in {**item_failures, **value_failures}.items():
+            if self.statuses[position] == "ok":
+                self.statuses[position] = "error"
+                fields.error_types[position], fields.errors[position] = "PicklingError", why
+                fields.tracebacks[position] = None
+        return items, values
+
+    def _part(self, start: int, stop: int) -> Chunk:
+        part = Chunk(self._pickled)
+        for whole, piece in (
+            (self.keys, part.keys),
+            (self.statuses, part.statuses),
+            (self.items, part.items),
+            (self.values, part.values),
+            *zip(self.fields, part.fields, strict=True),
+        ):
+            piece.extend(whole[start:stop])
+        return part
 
 
-def read(keys: bytes, fields: bytes, items: bytes, values: bytes) -> Iterator[StoredRecord]:
-    """The records of a row, items and values unpickled."""
-    keys_, statuses = pickle.loads(keys)
+def row_keys(keys: bytes) -> tuple[list[str], list[str]]:
+    """A row's keys and statuses."""
+    return pickle.loads(keys)
+
+
+def row_records(
+    keys: bytes, fields: bytes, items: bytes, values: bytes, positions: Sequence[int] | None = None
+) -> Iterator[StoredRecord]:
+    """The records of a row (those at ``positions`` only, if given), items and values
+    unpickled."""
+    keys_, statuses = row_keys(keys)
     indices, error_types, errors, tracebacks, *rest = pickle.loads(fields)
-    items_, item_failures = _loaded("item", items)
-    values_, value_failures = _loaded("value", values)
-    for position, why in {**value_failures, **item_failures}.items():  # the item's wins
+    items_, item_failures = _unpickled("item", items, positions)
+    values_, value_failures = _unpickled("value", values, positions)
+    for position, why in {**value_failures, **item_failures}.items():
         if position in item_failures:
             items_[position] = None
         values_[position], statuses[position] = None, "error"
         error_types[position], errors[position], tracebacks[position] = "UnpicklingError", why, None
-    return map(
-        StoredRecord,
-        keys_, indices, items_, statuses, values_, error_types, errors, tracebacks, *rest,
-    )  # fmt: skip
+    columns = (keys_, indices, items_, statuses, values_, error_types, errors, tracebacks, *rest)
+    if positions is not None:
+        columns = tuple([column[p] for p in positions] for column in columns)
+    return map(StoredRecord, *columns)
 
 
-def latest_statuses(rows: Iterable[tuple[bytes]]) -> dict[str, str]:
-    """Key -> status of each key's latest record, from rows' ``keys`` blobs in order."""
+def row_kept(
+    keys: bytes, fields: bytes, items: bytes, values: bytes, positions: Sequence[int]
+) -> Blobs:
+    """A row's blobs with only the records at ``positions``; items and values keep
+    their pickles (nothing is unpickled but plain values)."""
+
+    def pick(column: Sequence[Any]) -> list[Any]:
+        return [column[p] for p in positions]
+
+    kept_keys = tuple(map(pick, row_keys(keys)))
+    kept_fields = tuple(map(pick, pickle.loads(fields)))
+    columns = []
+    for column in (items, values):
+        plain, objs = pickle.loads(column)
+        columns.append(pickle.dumps((plain, pick(objs)), protocol=5))
+    return (
+        pickle.dumps(kept_keys, protocol=5),
+        pickle.dumps(kept_fields, protocol=5),
+        *columns,
+    )  # type: ignore[return-value]
+
+
+def latest_statuses(rows: Iterable[tuple[int, bytes]]) -> dict[str, str]:
+    """Key -> status of each key's latest record, from rows' ids and ``keys`` blobs, in
+    the order they were written."""
     latest: dict[str, str] = {}
-    for (keys,) in rows:
-        latest.update(zip(*pickle.loads(keys), strict=True))
+    for _, keys in rows:
+        latest.update(zip(*row_keys(keys), strict=True))
     return latest
 
 
 # -- columns ---------------------------------------------------------------------------
 
 
+def _text(value: Any) -> str | None:
+    """``value`` as an exact ``str``: a subclass would pickle naming its class."""
+    if value is None or type(value) is str:
+        return value
+    return str.__str__(value) if isinstance(value, str) else str(value)
+
+
 def _column(what: str, objs: list[Any]) -> tuple[bytes, dict[int, str]]:
-    """A column of items or values pickled: ``(True, objs)`` for plain values, else
-    ``(False, [each one's pickle or None])``; and why (by position) any could not be."""
+    """A column of items or values pickled, and why (by position) any could not be."""
     if set(map(type, objs)) <= PLAIN:
         return pickle.dumps((True, objs), protocol=5), {}
-    blobs, failures = _pickled_each(what, objs)
-    return pickle.dumps((False, blobs), protocol=5), failures
-
-
-def _loaded(what: str, column: bytes) -> tuple[list[Any], dict[int, str]]:
-    """A ``_column`` unpickled, and why (by position) any value could not be."""
-    plain, objs = pickle.loads(column)
-    if plain:
-        return objs, {}
-    loaded, failures = [], {}
-    for position, blob in enumerate(objs):
-        try:
-            loaded.append(None if blob is None else pickle.loads(blob))
-        except Exception as exc:
-            loaded.append(None)
-            failures[position] = f"the {what} could not be loaded from the journal: {one_line(exc)}"
-    return loaded, failures
-
-
-def _pickled_each(what: str, objs: list[Any]) -> tuple[list[bytes | None], dict[int, str]]:
-    """Each of ``objs`` pickled (``None`` stays ``None``), and why (by position) any
-    could not be."""
     blobs: list[bytes | None] = []
     failures = {}
     for position, obj in enumerate(objs):
@@ -255,7 +302,11 @@ def _pickled_each(what: str, objs: list[Any]) -> tuple[list[bytes | None], dict[
         except Exception as exc:
             blobs.append(None)
             failures[position] = f"the {what} could not be saved in the journal: {one_line(exc)}"
-    return blobs, failures
+    return _pickled_column(blobs), failures
+
+
+def _pickled_column(blobs: list[bytes | None]) -> bytes:
+    return pickle.dumps((False, blobs), protocol=5)
 
 
 def _dumps(obj: Any) -> bytes:
@@ -267,6 +318,25 @@ def _dumps(obj: Any) -> bytes:
     except Exception:
         return cloudpickle.dumps(obj, protocol=5)
     return cloudpickle.dumps(obj, protocol=5) if b"__main__" in data else data
+
+
+def _unpickled(
+    what: str, column: bytes, positions: Sequence[int] | None
+) -> tuple[list[Any], dict[int, str]]:
+    """A ``_column`` unpickled (its values at ``positions`` only, if given; the others
+    read as ``None``), and why (by position) any could not be."""
+    plain, objs = pickle.loads(column)
+    if plain:
+        return objs, {}
+    loaded: list[Any] = [None] * len(objs)
+    failures = {}
+    for position in range(len(objs)) if positions is None else positions:
+        blob = objs[position]
+        try:
+            loaded[position] = None if blob is None else pickle.loads(blob)
+        except Exception as exc:
+            failures[position] = f"the {what} could not be loaded from the journal: {one_line(exc)}"
+    return loaded, failures
 
 
 def _epoch(times: Sequence[float] | None, offset: float, size: int) -> Iterable[float | None]:

@@ -47,3 +47,10 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return f'\n"""\n{self.traceback}"""'
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of ``error``'s message, or its type's name: for one-line errors
+    and warnings that name what went wrong underneath."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -13,8 +13,9 @@ The pieces, and which thread owns what::
                          (``JournalRun.write``/``write_many`` never block and pickle
                          nothing on this thread); the journal's backlog counts against
                          the run's ``max_pending``, so the input waits for the disk
-    journal writer       pickles and writes records in short transactions (store.py),
-                         and wakes the dispatcher as it takes them (the backlog shrank)
+    journal writer       writes records in short transactions, pickled (store.py,
+                         chunks.py), and wakes the dispatcher as it takes them (the
+                         backlog shrank)
     delivery thread      flushes the journal, then completes the run's future
 
 Indices stay the input's: a restored input keeps its place in the ``Results``, and a
@@ -140,16 +141,18 @@ class JournaledInput:
         self.failed = 0  # inputs whose key could not be made
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
+        key_of, stored, keys = self._key_of, self._stored, self.keys  # per item: kept lean
         for index, item in enumerate(self._items):
-            key = self._key_of(index, item)
+            key = key_of(index, item)
             if key is None:
                 continue
-            record = self._stored.get(key)
-            if record is not None and self._restores(record.status):
-                self._sink.restore(index, item, record)
-                self.restored += 1
-                continue
-            self.keys[index] = key
+            if stored:
+                record = stored.get(key)
+                if record is not None and self._restores(record.status):
+                    self._sink.restore(index, item, record)
+                    self.restored += 1
+                    continue
+            keys[index] = key
             yield index, item
 
     def _key_of(self, index: int, item: Any) -> str | None:

@@ -48,6 +48,8 @@ import collections
 import contextlib
 import hashlib
 import io
+import itertools
+import operator
 import os
 import pickle
 import queue
@@ -68,17 +70,20 @@ from .chunks import (
     Chunk,
     Records,
     StoredRecord,
-    count,
     latest_statuses,
-    one_line,
-    read,
+    records_in,
+    row_kept,
+    row_keys,
+    row_records,
 )
+from .errors import one_line
 from .results import STATUSES, Results
 
 SCHEMA_VERSION = 2  # 2: records kept in chunks (chunks.py); 1 had a row per record
 BUSY_TIMEOUT = 10.0  # seconds to wait for another connection's transaction
 BATCH_SECONDS = 0.1  # a record waits at most this long to be written...
 BATCH_RECORDS = 1000  # ...or until this many are waiting
+COMPACT_AT = 10_000  # replaced records a run keeps before Journal.begin drops them
 EXIT_SECONDS = 5.0  # at interpreter exit, how long writers may take to write what is queued
 # A new file's page size (SQLite's default is 4 KiB): a chunk's blobs, tens of KiB,
 # span fewer overflow pages, and the WAL, checkpointed every 1,000 pages, less often.
@@ -112,8 +117,10 @@ _SCHEMA = (
     *_CHUNKS,
 )
 _INSERT = 'INSERT INTO chunks (run, keys, fields, items, "values") VALUES (?, ?, ?, ?, ?)'
-_READ = 'SELECT keys, fields, items, "values" FROM chunks WHERE run = ? ORDER BY id'
-_READ_KEYS = "SELECT keys FROM chunks WHERE run = ? ORDER BY id"
+_READ = 'SELECT id, keys, fields, items, "values" FROM chunks WHERE run = ? ORDER BY id'
+_READ_KEYS = "SELECT id, keys FROM chunks WHERE run = ? ORDER BY id"
+_READ_ROW = 'SELECT keys, fields, items, "values" FROM chunks WHERE id = ?'
+_REWRITE = 'UPDATE chunks SET keys = ?, fields = ?, items = ?, "values" = ? WHERE id = ?'
 
 
 class JournalError(ValueError):
@@ -178,7 +185,8 @@ def stable_key(item: Any) -> str:
     ``1``, ``1.0`` and ``True``. What pickle refuses (a lambda) is pickled with
     cloudpickle; a ``TypeError`` (one line) if neither can.
     """
-    return hashlib.blake2b(_key_bytes(item), digest_size=16).hexdigest()
+    data = pickle.dumps(item, protocol=5) if type(item) in PLAIN else _key_bytes(item)
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def default_path() -> Path:
@@ -271,7 +279,7 @@ def _check_schema(connection: sqlite3.Connection, path: Path) -> str:
     if found not in (str(SCHEMA_VERSION), _UPGRADABLE):
         raise JournalError(
             f"{path}: a cellpool journal of schema version {found}; "
-            f"this cellpool reads version {SCHEMA_VERSION}"
+            f"this cellpool reads version {SCHEMA_VERSION} (and upgrades version {_UPGRADABLE})"
         )
     return found
 
@@ -302,7 +310,7 @@ def _upgrade(connection: sqlite3.Connection) -> None:
                 chunk = Chunk(pickled=True)
                 for row in part:
                     chunk.add(row)
-                connection.execute(_INSERT, (run, *chunk.blobs()))
+                connection.executemany(_INSERT, [(run, *blobs) for blobs in chunk.rows()])
         connection.execute("DROP TABLE records")
         connection.execute(
             f"UPDATE {_META} SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
@@ -344,6 +352,7 @@ def _open(path: Path) -> sqlite3.Connection:
         _configure(connection)
         if version == _UPGRADABLE:
             _upgrade(connection)
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the old rows' WAL
     except sqlite3.Error as exc:
         connection.close()
         raise JournalError(f"{path}: cannot be used as a journal ({one_line(exc)})") from None
@@ -363,7 +372,9 @@ class _Unwritable(Exception):
 class _Writer:
     """A run's writer thread and its queue (see the module docstring)."""
 
-    def __init__(self, path: Path, identity: tuple[int, int], label: str, run: int) -> None:
+    def __init__(
+        self, path: Path, identity: tuple[int, int], label: str, run: tuple[int, float]
+    ) -> None:
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.failed = False  # it writes nothing more
         self.queued = 0  # records put on the queue (under ``lock``, by any thread)
@@ -376,13 +387,13 @@ class _Writer:
         self._path = path
         self._identity = identity  # the file the Journal opened
         self._label = label
-        self._run = run
+        self._run = run  # (row id, started): a forgotten run's id may be used again
         self.thread = threading.Thread(target=self._serve, name="cellpool-journal", daemon=True)
 
     def put(self, entry: Records | tuple[Any, ...]) -> None:
         """Queue a record's fields, or ``Records``, for the thread (never blocks)."""
         with self.lock:
-            self.queued += count(entry)
+            self.queued += records_in(entry)
         self.queue.put(entry)
 
     def stop(self) -> None:
@@ -418,7 +429,7 @@ class _Writer:
         first = self.queue.get()
         if first is _STOP:
             return [], True
-        taken, size = [first], count(first)
+        taken, size = [first], records_in(first)
         deadline = time.monotonic() + BATCH_SECONDS
         stop = False
         while size < BATCH_RECORDS:
@@ -430,7 +441,7 @@ class _Writer:
                 stop = True
                 break
             taken.append(entry)
-            size += count(entry)
+            size += records_in(entry)
         self.taken += size
         return taken, stop
 
@@ -439,15 +450,17 @@ class _Writer:
             chunk = Chunk()
             for entry in taken:
                 chunk.add(entry)
-            row = (self._run, *chunk.blobs())  # pickled before taking the lock
+            rows = [(self._run[0], *blobs) for blobs in chunk.rows()]  # before taking the lock
             self._check_file()
             with _transaction(connection):
+                # a run forgotten, and its id taken by a run begun since, is not this one
                 updated = connection.execute(
-                    "UPDATE runs SET updated = ? WHERE id = ?", (time.time(), self._run)
+                    "UPDATE runs SET updated = ? WHERE id = ? AND started = ?",
+                    (time.time(), *self._run),
                 )
                 if updated.rowcount == 0:
                     raise _Unwritable("the run was forgotten")
-                connection.execute(_INSERT, row)
+                connection.executemany(_INSERT, rows)
         except Exception as exc:
             self._fail(exc)
 
@@ -514,11 +527,13 @@ class JournalRun(_Closes):
     Any thread may call its methods, and it outlives the Journal that began it.
     """
 
-    def __init__(self, journal: Journal, name: str, version: int, run: int) -> None:
+    def __init__(self, journal: Journal, name: str, version: int, run: tuple[int, float]) -> None:
+        """``run``: the run's row id, and when it started (ids of forgotten runs are
+        used again)."""
         self.name = name
         self.version = version
         self.path = journal.path
-        self._run = run
+        self._run = run[0]
         self._closed = False
         self._writer = _Writer(journal.path, journal._identity, f"run {name!r} v{version}", run)
         # A run dropped without close() still has its records written.
@@ -621,16 +636,54 @@ class JournalRun(_Closes):
 
 
 def _latest(connection: sqlite3.Connection, run: int) -> dict[str, StoredRecord]:
-    """Key -> the latest record of that key in run ``run``."""
+    """Key -> the latest record of that key in run ``run``, in the order of those
+    records' writes; records that later ones replaced are not unpickled."""
+    live, _ = _live(connection, run)
     latest: dict[str, StoredRecord] = {}
-    for row in connection.execute(_READ, (run,)):
-        for record in read(*row):
-            latest[record.key] = record
+    for row, *blobs in connection.execute(_READ, (run,)):
+        if row in live:
+            for record in row_records(*blobs, live[row]):
+                latest[record.key] = record
     return latest
 
 
-def _index(record: StoredRecord) -> int:
-    return record.index
+def _live(
+    connection: sqlite3.Connection, run: int
+) -> tuple[dict[int, list[int] | None], dict[int, int]]:
+    """Where the latest record of each key of run ``run`` is: row -> its positions
+    (``None``: all of them), rows holding none left out; and row -> its record count."""
+    where: dict[str, tuple[int, int]] = {}
+    sizes: dict[int, int] = {}
+    for row, blob in connection.execute(_READ_KEYS, (run,)):
+        keys, _ = row_keys(blob)
+        sizes[row] = len(keys)
+        where.update(zip(keys, zip(itertools.repeat(row), range(len(keys))), strict=True))
+    by_row: dict[int, list[int]] = collections.defaultdict(list)
+    for row, position in where.values():
+        by_row[row].append(position)
+    live = {
+        row: None if len(spots) == sizes[row] else sorted(spots) for row, spots in by_row.items()
+    }
+    return live, sizes
+
+
+def _compact(connection: sqlite3.Connection, run: int) -> None:
+    """Drop the records of run ``run`` that later records of their keys replaced, once
+    they outnumber the rest and ``COMPACT_AT``: a run written again and again (reruns,
+    repeated keys) keeps a file, and reads, the size of its latest records. Items and
+    values keep their pickles. Call it inside a write transaction."""
+    live, sizes = _live(connection, run)
+    kept = sum(
+        sizes[row] if positions is None else len(positions) for row, positions in live.items()
+    )
+    if sum(sizes.values()) - kept <= max(kept, COMPACT_AT):
+        return
+    for row in sizes:
+        if row not in live:
+            connection.execute("DELETE FROM chunks WHERE id = ?", (row,))
+        elif (positions := live[row]) is not None:
+            blobs = connection.execute(_READ_ROW, (row,)).fetchone()
+            connection.execute(_REWRITE, (*row_kept(*blobs, positions), row))
 
 
 _RUN_COLUMNS = ("name", "version", "function", "started", "updated", "total", *STATUSES)
@@ -646,8 +699,9 @@ class Journal(_Closes):
         """Open or create the journal at ``path`` (``default_path()`` if ``None``).
 
         Missing directories are made. A file that is not SQLite, an SQLite file that is
-        not a cellpool journal, or a journal of another ``SCHEMA_VERSION`` raises
-        ``JournalError``, and the file is left as it was.
+        not a cellpool journal, or a journal of a later ``SCHEMA_VERSION`` raises
+        ``JournalError``, and the file is left as it was. A journal of schema version 1
+        is upgraded in place.
         """
         self.path = default_path() if path is None else _absolute(path)
         try:
@@ -673,17 +727,19 @@ class Journal(_Closes):
         now = time.time()
         with _transaction(self._connection):
             latest = self._connection.execute(
-                "SELECT id, version, code FROM runs WHERE name = ? ORDER BY version DESC LIMIT 1",
+                "SELECT id, version, code, started FROM runs WHERE name = ?"
+                " ORDER BY version DESC LIMIT 1",
                 (name,),
             ).fetchone()
             if latest is not None and (latest[2] == code or keep_code):
-                run, version = latest[0], latest[1]
+                run, version, _, started = latest
                 self._connection.execute(
                     "UPDATE runs SET function = ?, code = ?, updated = ? WHERE id = ?",
                     (function, code, now, run),
                 )
+                _compact(self._connection, run)
             else:
-                version = 1 if latest is None else latest[1] + 1
+                version, started = (1 if latest is None else latest[1] + 1), now
                 run = self._connection.execute(
                     "INSERT INTO runs (name, version, function, code, started, updated)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
@@ -696,7 +752,7 @@ class Journal(_Closes):
                 UserWarning,
                 stacklevel=2,
             )
-        return JournalRun(self, name, version, run)
+        return JournalRun(self, name, version, (run, started))
 
     def runs(self, name: str | None = None) -> list[dict[str, Any]]:
         """One row per run version (all runs, or those named ``name``), ready for
@@ -725,7 +781,9 @@ class Journal(_Closes):
             run = self._find(name, version)
             records = _latest(self._connection, run).values()
         # sorted is stable: records of one index keep the order their keys came in
-        return Results(record.task_result() for record in sorted(records, key=_index))
+        return Results(
+            record.task_result() for record in sorted(records, key=operator.attrgetter("index"))
+        )
 
     def forget(self, name: str, version: int | None = None) -> int:
         """Delete run ``name`` (every version if ``version`` is ``None``); how many
