@@ -8,7 +8,8 @@ positions are the records':
     keys     (keys, statuses): all that listing runs and counting statuses reads
     fields   (indices, error types, errors, tracebacks, workers, pids, attempts,
              started, finished): ``int``, ``float``, exact ``str`` or ``None`` only,
-             so the blob loads in any kernel (text of a ``str`` subclass is copied out)
+             so the blob loads in any kernel (text of a ``str`` subclass is copied out);
+             times are epoch seconds, NaN or ``None`` for none
     items    a column of the records' items
     values   a column of their values
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import pickle
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -235,7 +235,8 @@ def row_records(
     """The records of a row (those at ``positions`` only, if given), items and values
     unpickled."""
     keys_, statuses = row_keys(keys)
-    indices, error_types, errors, tracebacks, *rest = pickle.loads(fields)
+    indices, error_types, errors, tracebacks, workers, pids, attempts, *times = pickle.loads(fields)
+    rest = (workers, pids, attempts, *map(_times, times))
     items_, item_failures = _unpickled("item", items, positions)
     values_, value_failures = _unpickled("value", values, positions)
     for position, why in {**value_failures, **item_failures}.items():
@@ -340,7 +341,13 @@ def _unpickled(
 
 
 def _epoch(times: Sequence[float] | None, offset: float, size: int) -> Iterable[float | None]:
-    """Times on a clock ``offset`` seconds behind the epoch as epoch seconds (NaN: none)."""
+    """Times on a clock ``offset`` seconds behind the epoch as epoch seconds; NaN (no
+    time) stays NaN, and reads as ``None`` (``_times``)."""
     if times is None:
         return itertools.repeat(None, size)
-    return [None if math.isnan(seconds) else seconds + offset for seconds in times]
+    return map(offset.__add__, times)
+
+
+def _times(column: list[float | None]) -> list[float | None]:
+    """A column of times as read: NaN, none, as ``None``."""
+    return [None if seconds != seconds else seconds for seconds in column]  # NaN != NaN
