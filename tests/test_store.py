@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cellpool import store as journal_module
+from cellpool.keys import stable_key
 from cellpool.results import Results, TaskResult
 from cellpool.store import (
     SCHEMA_VERSION,
@@ -26,7 +27,6 @@ from cellpool.store import (
     JournalError,
     StoredRecord,
     default_path,
-    stable_key,
 )
 
 from .conftest import settle
@@ -108,7 +108,7 @@ ITEMS = """[
 def keys_in_subprocess(hash_seed: str) -> list[str]:
     script = (
         "import decimal, json, pathlib, cellpool.results\n"
-        "from cellpool.store import stable_key\n"
+        "from cellpool.keys import stable_key\n"
         f"print(json.dumps([stable_key(item) for item in {ITEMS}]))\n"
     )
     out = subprocess.run(

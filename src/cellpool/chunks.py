@@ -37,11 +37,9 @@ from typing import Any, NamedTuple
 import cloudpickle
 
 from .errors import one_line
+from .keys import PLAIN
 from .results import TaskResult
 
-# Types whose pickle names no class, module or function and never fails: it loads in
-# any kernel, and is what a journal key hashes as it is
-PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 # A row's items and values together at most (SQLite refuses a blob over 1 GB): records
 # over this are split over more rows of the same transaction
 ROW_BYTES = 64 * 2**20

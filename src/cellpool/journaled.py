@@ -127,7 +127,7 @@ class JournaledInput:
         rerun: str,
         sink: Settles,
     ) -> None:
-        from .store import stable_key
+        from .keys import stable_key
 
         self._items = items
         self._key = key or stable_key

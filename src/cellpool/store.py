@@ -3,7 +3,7 @@
 A journal is one SQLite file (``.cellpool/journal.db`` under the working directory by
 default). It holds runs by name; each name has versions, a new one whenever the
 function's code changes (``Journal.begin``). A version keeps the records written for it
-by input key (``stable_key(item)`` by default), the latest of a key winning, so running
+by input key (``keys.stable_key(item)`` by default), the latest of a key winning, so running
 the same journaled run again can skip the inputs whose stored record is ok. Records are
 written in chunks, one row per write transaction (chunks.py): a thousand records cost
 about as much as one.
@@ -46,12 +46,9 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
-import hashlib
-import io
 import itertools
 import operator
 import os
-import pickle
 import queue
 import sqlite3
 import threading
@@ -63,10 +60,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-import cloudpickle
-
 from .chunks import (
-    PLAIN,
     Chunk,
     Records,
     StoredRecord,
@@ -125,68 +119,6 @@ _REWRITE = 'UPDATE chunks SET keys = ?, fields = ?, items = ?, "values" = ? WHER
 
 class JournalError(ValueError):
     """A file that cannot be used as a journal; its message is one line naming the path and why."""
-
-
-# -- keys ------------------------------------------------------------------------------
-
-
-class _SortedSets:
-    """A pickler whose sets and frozensets are written with their elements sorted (by
-    each element's own pickle), so the bytes do not depend on the process's hash seed."""
-
-    def persistent_id(self, obj: Any) -> Any:
-        if not isinstance(obj, (set, frozenset)):
-            return None
-        return (type(obj), tuple(sorted(obj, key=lambda e: _dumps_with(type(self), e))))
-
-
-class _KeyPickler(_SortedSets, pickle.Pickler):
-    pass
-
-
-class _CloudKeyPickler(_SortedSets, cloudpickle.Pickler):
-    pass
-
-
-def _dumps_with(pickler: type[pickle.Pickler], obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    pickler(buffer, protocol=5).dump(obj)
-    return buffer.getvalue()
-
-
-def _key_bytes(item: Any) -> bytes:
-    kind = type(item)
-    # a plain value's pickle holds no set and never fails: it is the key's as it is
-    if kind in PLAIN or (kind is tuple and all(type(part) in PLAIN for part in item)):
-        return pickle.dumps(item, protocol=5)  # the common case, in half the time
-    try:
-        data, pickler = pickle.dumps(item, protocol=5), _KeyPickler
-    except Exception:
-        try:
-            data, pickler = cloudpickle.dumps(item, protocol=5), _CloudKeyPickler
-        except Exception as error:
-            raise TypeError(
-                f"cellpool cannot make a key for a {type(item).__name__} item: {one_line(error)}"
-            ) from None
-    # EMPTY_SET and FROZENSET: only then is the slower, set-sorting pickler needed. The
-    # bytes may also occur in data, which costs time only: the choice is the same in
-    # every process for a given item.
-    if b"\x8f" in data or b"\x91" in data:
-        return _dumps_with(pickler, item)
-    return data
-
-
-def stable_key(item: Any) -> str:
-    """The default key of an input: a hex digest (blake2b, 16 bytes) of its pickle.
-
-    Equal items have equal keys in every process: sets and frozensets are pickled with
-    sorted elements, as their order follows the hash seed. A dict's order is its own
-    (insertion order), so ``{"a": 1, "b": 2}`` and ``{"b": 2, "a": 1}`` differ; so do
-    ``1``, ``1.0`` and ``True``. What pickle refuses (a lambda) is pickled with
-    cloudpickle; a ``TypeError`` (one line) if neither can.
-    """
-    data = pickle.dumps(item, protocol=5) if type(item) in PLAIN else _key_bytes(item)
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def default_path() -> Path:
