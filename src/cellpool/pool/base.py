@@ -43,10 +43,13 @@ class Completed:
 
 @dataclass(slots=True)
 class Returned:
-    """A worker gave back ``batch`` positions ``first``... unstarted (see ``give_back``)."""
+    """A worker gave back ``batch`` positions ``first``... unstarted (see ``give_back``);
+    unless ``final``, the outcomes of the positions before follow (a worker streaming
+    async tasks gives back what waits while what it started still runs)."""
 
     batch: Batch
     first: int
+    final: bool = True
 
 
 @dataclass(slots=True)
