@@ -478,12 +478,13 @@ class ProcessPool(Pool):
         taking = (WorkerState.STARTING, WorkerState.INITIALIZING, WorkerState.READY)
         return [w for w in self._workers.values() if w.state in taking and w.id not in self._paused]
 
-    def capacity(self, prefetch: bool = True) -> int:
+    def capacity(self, prefetch: bool = True, stream: bool = False) -> int:
         # Under a memory or fd limit a batch is sent only as a thread frees, so the
         # limits are checked just before it starts, not a prefetch earlier.
         limits = self._admission.limits
         limited = limits.memory_limit is not None or limits.fd_limit is not None
-        room = PREFETCH * self._threads if prefetch and not limited else self._threads
+        ahead = PREFETCH + stream if prefetch and not limited else 1
+        room = ahead * self._threads
         return sum(max(0, room - len(w.in_flight)) for w in self._takers())
 
     def pause_reasons(self) -> list[str]:

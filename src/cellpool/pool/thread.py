@@ -218,10 +218,10 @@ class ThreadPool(Pool):
         any_thread = next(iter(self._workers))
         return self._admission.machine_pause() or self._admission.worker_pause(any_thread)
 
-    def capacity(self, prefetch: bool = True) -> int:
+    def capacity(self, prefetch: bool = True, stream: bool = False) -> int:
         if self._paused() is not None or self._closing:
             return 0
-        return (PREFETCH if prefetch else 1) * len(self._workers) - self._in_flight
+        return (PREFETCH + stream if prefetch else 1) * len(self._workers) - self._in_flight
 
     def pause_reasons(self) -> list[str]:
         paused = self._paused()
