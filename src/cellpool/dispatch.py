@@ -680,7 +680,7 @@ class Dispatcher:
         for run in self._runs:  # first come, first served, as concurrent.futures users expect
             if run.state is not RunState.ACTIVE:
                 continue
-            if self.pool.capacity(prefetch=run.future is None) <= 0:
+            if self.pool.capacity(prefetch=run.future is None, stream=run.is_async) <= 0:
                 return None  # a later run may not overtake this one
             if (
                 run.future is not None

@@ -159,8 +159,8 @@ class Run:
         indexed: bool = False,
     ) -> None:
         self.serial = next(_run_serials)
-        # async def tasks run a batch at a time on a worker's event loop: the batch is
-        # as large as the coroutines each worker keeps in flight
+        # async def tasks stream on each worker thread's event loop, up to concurrency
+        # in flight across batches (lanes.py); a batch holds that many
         self.is_async = inspect.iscoroutinefunction(fn)
         self.concurrency = concurrency
         self.fn = fn

@@ -154,6 +154,17 @@ def release_worker_process() -> None:
         http.close_process_session()
 
 
+def event_loop() -> Any:
+    """This thread's event loop for async tasks: made on first use, closed by
+    ``release_worker_thread``."""
+    import asyncio  # here, not at the top: it is slow to import, and most tasks are not async
+
+    loop = getattr(_thread_state, "loop", None)
+    if loop is None:
+        loop = _thread_state.loop = asyncio.new_event_loop()
+    return loop
+
+
 def call_async(
     fn: Any,
     star: bool,
@@ -163,29 +174,19 @@ def call_async(
     blocked: Callable[[Any], Failure | None],
     on_step: Callable[[int, float], None] = lambda position, started: None,
 ) -> Outcomes:
-    """Run ``async def`` tasks together on this thread's event loop; the batch size is
-    the concurrency. ``blocked(item)`` names a reason an item cannot run, if any.
-
-    ``on_step(position, started)`` is called as each task's coroutine takes the loop
-    (``started``: when that task began, on the monotonic clock) and ``on_step(-1, 0)``
-    as it gives it back: a task that blocks the loop past its timeout is then seen,
-    and stopped, as that one task.
-    """
-    import asyncio  # here, not at the top: it is slow to import, and most tasks are not async
-
-    loop = getattr(_thread_state, "loop", None)
-    if loop is None:
-        loop = _thread_state.loop = asyncio.new_event_loop()
+    """Run a batch of ``async def`` tasks together on this thread's event loop (a dask
+    worker's; process and thread workers stream batches, see ``lanes.py``)."""
+    import asyncio
 
     async def together() -> list[Result]:
         return await asyncio.gather(
             *(
-                _one(fn, star, item, retry_on, timeout, blocked, position, on_step)
+                call_one_async(fn, star, item, retry_on, timeout, blocked, position, on_step)
                 for position, item in enumerate(items)
             )
         )
 
-    results = loop.run_until_complete(together())
+    results = event_loop().run_until_complete(together())
     outcomes = Outcomes.empty()
     for result in results:
         outcomes.add(result)
@@ -218,7 +219,7 @@ async def _marked(
     return await _stepped(coro, position, started, on_step)  # a Task needs a coroutine
 
 
-async def _one(
+async def call_one_async(
     fn: Any,
     star: bool,
     item: Any,
@@ -228,6 +229,14 @@ async def _one(
     position: int,
     on_step: Callable[[int, float], None],
 ) -> Result:
+    """Run one ``async def`` task on the running loop; never raises (a cancellation
+    too is the task's failure). ``blocked(item)`` names a reason it cannot run, if any.
+
+    ``on_step(position, started)`` is called as the task's coroutine takes the loop
+    (``started``: when the task began, on the monotonic clock) and ``on_step(-1, 0)``
+    as it gives it back: a task that blocks the loop past its timeout is then seen, and
+    stopped, as that one task.
+    """
     import asyncio
 
     started = time.monotonic()

@@ -2,19 +2,23 @@
 
 Parent to worker, over the worker's own duplex pipe:
     ``(seq, run_id, job, count, stand_ins, items)``: run ``job`` (a pickled ``(fn, star,
-    retry_on, timeout)``, or ``None`` when this worker already holds the run's) over each
-    of the ``count`` items (pickled apart, so that a batch the worker cannot unpickle
-    fails as records rather than killing the worker), ``fn(*item)`` if ``star`` else
-    ``fn(item)``; ``stand_ins`` says whether some items are ``Unpicklable`` stand-ins
-    for inputs the parent could not pickle; ``None``: exit.
+    retry_on, timeout, concurrency)``, or ``None`` when this worker already holds the
+    run's) over each of the ``count`` items (pickled apart, so that a batch the worker
+    cannot unpickle fails as records rather than killing the worker), ``fn(*item)`` if
+    ``star`` else ``fn(item)``; ``stand_ins`` says whether some items are
+    ``Unpicklable`` stand-ins for inputs the parent could not pickle; ``None``: exit.
 Worker to parent:
     ``("hello",)`` once started; ``("ready",)`` once the initializer has run (or
     ``("init-failed", why)``: the pool is then broken, as the standard library's);
     ``("done", seq, start, count, final, outcomes)``: ``count`` outcomes of positions
     ``start``..., pickled apart so that the parent can still tell which tasks they were
-    when it cannot unpickle them; ``("returned", seq, first)``: positions ``first``...
-    were not started and are given back (the parent recalled the batch, see ``Slot``);
+    when it cannot unpickle them; ``("returned", seq, first, final)``: positions
+    ``first``... were not started and are given back (the parent recalled the batch, see
+    ``Slot``); unless ``final``, the outcomes of the positions before follow;
     ``("out", stream, text)``: what tasks printed.
+
+A thread running ``async def`` tasks runs them as one stream (``lanes.py``): up to the
+run's ``concurrency`` in flight, across batches; it reads the next batch as it has room.
 
 The worker writes what it is doing to shared memory (see ``Slot``): which task it runs
 and since when, or which batch it is loading or sending. So the parent knows what a
@@ -31,29 +35,23 @@ import inspect
 import io
 import os
 import pickle
-import queue
 import signal
 import struct
 import sys
 import threading
 import time
 from collections import ChainMap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.reduction import ForkingPickler
-from typing import Any
+from typing import Any, NamedTuple
 
 import cloudpickle
 
+from .lanes import EMPTY, AsyncLane, Inbox, OnStep, Work
 from .results import Failure
 from .shared import SharedDoubles
 from .streams import ForwardedStream
-from .tasks import (
-    Outcomes,
-    call_async,
-    failure_of,
-    release_worker_process,
-    release_worker_thread,
-)
+from .tasks import Outcomes, failure_of, release_worker_process, release_worker_thread
 
 FLUSH_SECONDS = 0.05  # send finished outcomes at least this often during a long batch
 JOB_CACHE = 8  # functions kept, newest last; the parent mirrors this to know what we hold
@@ -248,9 +246,7 @@ def main(conn: Any, shared: Any, boot: Boot, threads: int) -> None:
     batches = _received(conn, receiving)
     try:
         if threads == 1:
-            for batch in batches:
-                _run_batch(channel, slot.lane(1), slot.recall_cell, *batch)
-                del batch  # hold no task's arguments while waiting for the next batch
+            _serve(channel, slot, 1, _Pipe(conn, batches))
         else:
             _run_on_threads(channel, slot, batches, threads)
     finally:
@@ -258,9 +254,23 @@ def main(conn: Any, shared: Any, boot: Boot, threads: int) -> None:
         release_worker_process()  # after every thread that shares it has stopped
 
 
-def _received(conn: Any, lane: memoryview) -> Iterator[tuple]:
-    """The batches the parent sends, as ``_run_batch`` arguments, until it says stop."""
-    jobs: dict[int, tuple[Any, bool, tuple, float | None]] = {}
+class Received(NamedTuple):
+    """A batch as the worker received it."""
+
+    seq: int
+    fn: Any
+    star: bool
+    retry_on: tuple[type[BaseException], ...]
+    timeout: float | None
+    concurrency: int  # async def tasks in flight at most on a thread
+    items: list[Any]
+    blocked: Failure | None  # why no task of it can run, if none can
+    stand_ins: bool  # some items are ``Unpicklable`` stand-ins
+
+
+def _received(conn: Any, lane: memoryview) -> Iterator[Received]:
+    """The batches the parent sends, until it says stop."""
+    jobs: dict[int, tuple[Any, bool, tuple, float | None, int]] = {}
     while True:
         try:
             data = conn.recv_bytes()
@@ -275,10 +285,10 @@ def _received(conn: Any, lane: memoryview) -> Iterator[tuple]:
             lane[0] = LOADING_FUNCTION
             loaded = _unpickled(job, "function")
             unloadable = isinstance(loaded, Unpicklable)
-            jobs[run_id] = (loaded, False, (), None) if unloadable else loaded
+            jobs[run_id] = (loaded, False, (), None, 1) if unloadable else loaded
             if len(jobs) > JOB_CACHE:
                 del jobs[next(iter(jobs))]
-        fn, star, retry_on, timeout = jobs[run_id]
+        fn, star, retry_on, timeout, concurrency = jobs[run_id]
         lane[0] = LOADING_ARGUMENTS
         items = _unpickled(payload, "arguments")
         lane[0] = IDLE
@@ -286,24 +296,112 @@ def _received(conn: Any, lane: memoryview) -> Iterator[tuple]:
         if lost is not None:
             items = [None] * count
         blocked = (fn.failure if isinstance(fn, Unpicklable) else None) or lost
-        yield seq, fn, star, retry_on, timeout, items, blocked, stand_ins
+        yield Received(seq, fn, star, retry_on, timeout, concurrency, items, blocked, stand_ins)
         del items, fn  # hold no task's arguments while waiting for the next batch
 
 
-def _run_on_threads(channel: _Channel, slot: Slot, batches: Iterator[tuple], threads: int) -> None:
-    """Hand the batches to ``threads`` threads, each writing its own lane of the slot."""
-    waiting: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+class _Pipe:
+    """The batches of a worker with one thread, read from its pipe; a lane running
+    async tasks watches the pipe from its event loop."""
 
-    def serve(lane: memoryview) -> None:
+    def __init__(self, conn: Any, batches: Iterator[Received]) -> None:
+        self.conn = conn
+        self.batches = batches
+
+    def get(self) -> Received | None:
+        return next(self.batches, None)
+
+    def poll(self) -> Any:
+        return self.get() if self.conn.poll() else EMPTY
+
+    def watch(self, loop: Any, wake: Callable[[], None]) -> None:
+        fd = self.conn.fileno()
+
+        def readable() -> None:
+            loop.remove_reader(fd)
+            wake()
+
+        loop.add_reader(fd, readable)
+
+    def unwatch(self, loop: Any) -> None:
+        loop.remove_reader(self.conn.fileno())
+
+
+class _ProcessLane(AsyncLane):
+    """A worker thread's stream of async batches, reported over the pipe and written to
+    its lane of the slot."""
+
+    def __init__(self, channel: _Channel, lane: memoryview, recall: memoryview, source: Any):
+        super().__init__(source)
+        self.channel = channel
+        self.lane = lane
+        self.recall = recall
+
+    def work(self, item: Received | None) -> Work | None:
+        if item is None or not inspect.iscoroutinefunction(item.fn):
+            return None
+        blocked = item.blocked
+
+        def reason(task: Any) -> Failure | None:
+            return blocked or (task.failure if isinstance(task, Unpicklable) else None)
+
+        return Work(
+            item.seq,
+            item.fn,
+            item.star,
+            item.retry_on,
+            item.timeout,
+            item.concurrency,
+            item.items,
+            reason,
+        )
+
+    def stepper(self, work: Work) -> OnStep:
+        lane, base = self.lane, work.key * SEQ_SPAN
+
+        def on_step(position: int, started: float) -> None:
+            if position < 0:
+                lane[4] = lane[2]  # the loop is free: no task of this lane runs now
+            else:
+                lane[3], lane[4], lane[2] = started, -1.0, base + position
+
+        return on_step
+
+    def recalled(self, work: Work, waited: bool) -> bool:
+        return waited and self.recall[0] >= work.key
+
+    def finished(self, work: Work, outcomes: Outcomes, final: bool) -> None:
+        self.channel.send_outcomes(self.lane, work.key, 0, outcomes, final)
+
+    def gave_back(self, work: Work, first: int, final: bool) -> None:
+        self.channel.send(("returned", work.key, first, final))
+
+
+def _serve(channel: _Channel, slot: Slot, index: int, source: Any) -> None:
+    """Run ``source``'s batches on this thread, which writes lane ``index`` of the slot."""
+    lane, recall = slot.lane(index), slot.recall_cell
+
+    def run_plain(batch: Received) -> bool:
+        _run_batch(channel, lane, recall, batch)
+        return True
+
+    _ProcessLane(channel, lane, recall, source).serve(run_plain)
+
+
+def _run_on_threads(
+    channel: _Channel, slot: Slot, batches: Iterator[Received], threads: int
+) -> None:
+    """Hand the batches to ``threads`` threads, each writing its own lane of the slot."""
+    waiting: Inbox[Received | None] = Inbox()
+
+    def serve(index: int) -> None:
         try:
-            while (batch := waiting.get()) is not None:
-                _run_batch(channel, lane, slot.recall_cell, *batch)
-                del batch
+            _serve(channel, slot, index, waiting)
         finally:
             release_worker_thread()
 
     runners = [
-        threading.Thread(target=serve, args=(slot.lane(i + 1),), name=f"cellpool-lane-{i}")
+        threading.Thread(target=serve, args=(i + 1,), name=f"cellpool-lane-{i}")
         for i in range(threads)
     ]
     for runner in runners:
@@ -319,50 +417,21 @@ def _run_on_threads(channel: _Channel, slot: Slot, batches: Iterator[tuple], thr
             runner.join()
 
 
-def _run_batch(
-    channel: _Channel,
-    lane: memoryview,
-    recall: memoryview,
-    seq: int,
-    fn: Any,
-    star: bool,
-    retry_on: tuple[type[BaseException], ...],
-    timeout: float | None,
-    items: list[Any],
-    blocked: Failure | None,
-    stand_ins: bool,
-) -> None:
-    """Run a batch, sending outcomes at its end and at least every ``FLUSH_SECONDS``;
-    if the parent recalls it (``recall``), give back the tasks not started then.
+def _run_batch(channel: _Channel, lane: memoryview, recall: memoryview, batch: Received) -> None:
+    """Run a batch of plain tasks, sending outcomes at its end and at least every
+    ``FLUSH_SECONDS``; if the parent recalls it (``recall``), give back the tasks not
+    started then.
 
     This is the hot loop for tiny tasks, so it is written out rather than calling
     ``tasks.call``: one clock read per task (a task starts when the one before ends, so
     start times are filled in per flush, not per task), on the monotonic clock, which
     the lane and the records share.
     """
+    seq, fn, star, retry_on, _, _, items, blocked, stand_ins = batch
     if recall[0] >= seq:
-        channel.send(("returned", seq, 0))
+        channel.send(("returned", seq, 0, True))
         return
     base = seq * SEQ_SPAN
-    if inspect.iscoroutinefunction(fn):
-
-        def on_step(position: int, started: float) -> None:
-            if position < 0:
-                lane[4] = lane[2]  # the loop is free: nothing of this batch runs now
-            else:
-                lane[3], lane[4], lane[2] = started, -1.0, base + position
-
-        outcomes = call_async(
-            fn,
-            star,
-            items,
-            retry_on,
-            timeout,
-            lambda item: blocked or (item.failure if isinstance(item, Unpicklable) else None),
-            on_step,
-        )
-        channel.send_outcomes(lane, seq, 0, outcomes, final=True)
-        return
     values, _, finished, failures = outcomes = Outcomes.empty()
     checked = blocked is not None or stand_ins
     clock = time.monotonic
@@ -389,7 +458,7 @@ def _run_batch(
         if now > flush_at and position < last:
             channel.send_outcomes(lane, seq, start, _started(outcomes, began), final=False)
             if recall[0] >= seq:
-                channel.send(("returned", seq, position + 1))
+                channel.send(("returned", seq, position + 1, True))
                 return
             values, _, finished, failures = outcomes = Outcomes.empty()
             start, began, flush_at = position + 1, now, now + FLUSH_SECONDS

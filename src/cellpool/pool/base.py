@@ -43,10 +43,13 @@ class Completed:
 
 @dataclass(slots=True)
 class Returned:
-    """A worker gave back ``batch`` positions ``first``... unstarted (see ``give_back``)."""
+    """A worker gave back ``batch`` positions ``first``... unstarted (see ``give_back``);
+    unless ``final``, the outcomes of the positions before follow (a worker streaming
+    async tasks gives back what waits while what it started still runs)."""
 
     batch: Batch
     first: int
+    final: bool = True
 
 
 @dataclass(slots=True)
@@ -113,9 +116,12 @@ class Pool(ABC):
     batch_seconds = 0.01  # tasks travel in batches of about this much measured work
 
     @abstractmethod
-    def capacity(self, prefetch: bool = True) -> int:
+    def capacity(self, prefetch: bool = True, stream: bool = False) -> int:
         """How many more batches the pool takes now; without ``prefetch``, only as many
-        as there are workers (or worker threads) idle, so a batch starts at once."""
+        as there are workers (or worker threads) idle, so a batch starts at once. With
+        ``stream`` (a run of ``async def`` tasks), one more per worker thread where
+        threads stream them (``lanes.py``): a thread starts the next batch's tasks while
+        the last ones of the batch before still run, and has the one after at hand."""
 
     @abstractmethod
     def send(self, batch: Batch) -> None:

@@ -453,7 +453,8 @@ class DaskPool(Pool):
         """Worker threads in the cluster now."""
         return max(1, sum(w.get("nthreads", 1) for w in self._info.values()))
 
-    def capacity(self, prefetch: bool = True) -> int:
+    def capacity(self, prefetch: bool = True, stream: bool = False) -> int:
+        # dask runs a batch of async tasks as one dask task: nothing streams
         if self._suspects or self._alone:
             return 0 if self._futures else 1
         return (PREFETCH if prefetch else 1) * self.size - len(self._futures)

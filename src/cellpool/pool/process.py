@@ -37,7 +37,7 @@ from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
@@ -59,6 +59,9 @@ from .base import (
     WorkerGone,
     WorkerReady,
 )
+
+if TYPE_CHECKING:
+    from ..runs import Run
 
 PREFETCH = 2  # batches queued per worker thread beyond the one it runs
 KILL_GRACE = 1.0  # seconds between SIGTERM and SIGKILL
@@ -334,6 +337,7 @@ class ProcessPool(Pool):
             else:
                 job = worker.outbox.get()
                 data = _message(batch, self._job(batch) if job else None)
+                hooks.at("process.batch-sending")  # the dispatcher may recall it meanwhile
             del batch
             with contextlib.suppress(OSError):  # it died: the reader reports it
                 conn.send_bytes(data)
@@ -346,10 +350,10 @@ class ProcessPool(Pool):
             data = self._jobs.get(run.serial)
         if data is None:
             try:
-                data = cloudpickle.dumps((ship(run.fn), run.star, run.retry_on, run.timeout))
+                data = cloudpickle.dumps((ship(run.fn), *_job_options(run)))
             except Exception as error:
                 stand_in = child.Unpicklable("function", error)
-                data = cloudpickle.dumps((stand_in, run.star, run.retry_on, run.timeout))
+                data = cloudpickle.dumps((stand_in, *_job_options(run)))
             with self._jobs_lock:
                 self._jobs[run.serial] = data
                 if len(self._jobs) > child.JOB_CACHE:
@@ -392,9 +396,9 @@ class ProcessPool(Pool):
         elif said == "init-failed":
             return [PoolBroken(f"the initializer failed: {event.message[1]}")]
         elif said == "returned":
-            _, seq, first = event.message
+            _, seq, first, final = event.message
             batch = worker.in_flight.get(seq)
-            return [] if batch is None else [Returned(batch, first)]
+            return [] if batch is None else [Returned(batch, first, final)]
         return []
 
     def _gone(self, worker: _Worker, exitcode: int | None, why: str | None) -> WorkerGone:
@@ -421,7 +425,7 @@ class ProcessPool(Pool):
     def settle(self, event: Completed | WorkerGone | Returned) -> None:
         if isinstance(event, Returned):
             worker = self._holder(event.batch)
-            if worker is not None:
+            if worker is not None and event.final:
                 self._batch_ended(worker, event.batch)
             return
         worker = self._workers.get(event.worker)
@@ -474,12 +478,13 @@ class ProcessPool(Pool):
         taking = (WorkerState.STARTING, WorkerState.INITIALIZING, WorkerState.READY)
         return [w for w in self._workers.values() if w.state in taking and w.id not in self._paused]
 
-    def capacity(self, prefetch: bool = True) -> int:
+    def capacity(self, prefetch: bool = True, stream: bool = False) -> int:
         # Under a memory or fd limit a batch is sent only as a thread frees, so the
         # limits are checked just before it starts, not a prefetch earlier.
         limits = self._admission.limits
         limited = limits.memory_limit is not None or limits.fd_limit is not None
-        room = PREFETCH * self._threads if prefetch and not limited else self._threads
+        ahead = PREFETCH + stream if prefetch and not limited else 1
+        room = ahead * self._threads
         return sum(max(0, room - len(w.in_flight)) for w in self._takers())
 
     def pause_reasons(self) -> list[str]:
@@ -647,6 +652,11 @@ class ProcessPool(Pool):
             self.stop(worker.id, "the executor was abandoned")
             if worker.pid is not None:
                 _signal_group(worker.pid, signal.SIGKILL)
+
+
+def _job_options(run: Run) -> tuple[bool, tuple, float | None, int]:
+    """What a worker needs besides the function to run a run's tasks."""
+    return run.star, run.retry_on, run.timeout, run.concurrency
 
 
 def _message(batch: Batch, job: bytes | None) -> bytes:

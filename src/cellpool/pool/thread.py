@@ -7,17 +7,21 @@ written off, a fresh thread takes its place, and the abandoned one is reported b
 At most ``MAX_ABANDONED`` abandoned threads may run at once; past that no replacement
 starts until one returns.
 
+A thread runs ``async def`` tasks as one stream on its event loop (``lanes.py``): up to
+``concurrency`` in flight, across batches, so it may hold several batches at once.
+
 Ownership: the dispatcher thread calls every ``ThreadPool`` method and owns the pool's
-dicts and counters. A ``_Worker``'s ``state``, ``batch``, ``current`` and ``outcomes``
-are shared with its thread and guarded by its ``lock``: whoever moves the state first
-(the thread to IDLE, the dispatcher to ABANDONED) decides who reports the batch.
+dicts and counters. A ``_Worker``'s ``state``, ``held``, ``current`` and ``outcomes``
+are shared with its thread and guarded by its ``lock``: whoever moves first (the thread
+reporting a batch and dropping it from ``held``, the dispatcher setting ABANDONED)
+decides who reports the batch. The dispatcher abandons a thread only while one of its
+tasks runs (``current``), never while the thread takes a batch.
 """
 
 from __future__ import annotations
 
 import enum
 import os
-import queue
 import threading
 import time
 import warnings
@@ -26,7 +30,8 @@ from typing import Any
 
 from .. import hooks
 from ..admission import Admission
-from ..tasks import Batch, Outcomes, call_async, failure_of, release_worker_thread
+from ..lanes import AsyncLane, Inbox, OnStep, Work
+from ..tasks import Batch, Outcomes, failure_of, release_worker_thread
 from . import base
 from .base import Completed, Pool, Report, Returned, Running, WorkerGone
 
@@ -36,19 +41,19 @@ PREFETCH = 2  # batches queued per worker, so a worker never waits for the dispa
 class ThreadState(enum.Enum):
     STARTING = "starting"  # running the initializer
     IDLE = "idle"  # waiting for a batch
-    BUSY = "busy"  # running a batch
-    RETURNING = "returning"  # running a batch it gives back the rest of after this task
+    BUSY = "busy"  # running a batch (or a stream of async batches)
+    RETURNING = "returning"  # running a batch it gives back what it has not started of
     ABANDONED = "abandoned"  # written off by the dispatcher; exits when its call returns
 
 
 class _Worker:
-    """One worker thread; ``lock`` guards ``state``, ``batch``, ``current``, ``outcomes``."""
+    """One worker thread; ``lock`` guards ``state``, ``held``, ``current``, ``outcomes``."""
 
     __slots__ = (
-        "batch",
         "current",
         "done",
         "errors",
+        "held",
         "id",
         "lock",
         "native_id",
@@ -63,9 +68,10 @@ class _Worker:
         self.lock = threading.Lock()
         self.state = ThreadState.STARTING
         self.since = time.monotonic()  # when the current state began
-        self.batch: Batch | None = None
-        self.current: tuple[int, float] | None = None  # (position, monotonic start)
-        self.outcomes = Outcomes.empty()
+        self.held: list[Batch] = []  # taken and not yet reported in full, oldest first
+        self.current: tuple[Batch, int, float] | None = None  # the task running:
+        # (batch, position, monotonic start)
+        self.outcomes = Outcomes.empty()  # of a plain batch, not yet reported
         self.done = 0
         self.errors = 0
         self.native_id: int | None = None
@@ -90,7 +96,7 @@ class ThreadPool(Pool):
         self._admission = admission
         self._initializer = initializer
         self._initargs = initargs
-        self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        self._queue: Inbox[Batch | None] = Inbox()
         self._workers: dict[str, _Worker] = {}
         self._abandoned: list[_Worker] = []
         self._max_abandoned = max(32, 4 * workers)
@@ -141,27 +147,27 @@ class ThreadPool(Pool):
         return True
 
     def _serve(self, worker: _Worker) -> None:
-        while (batch := self._queue.get()) is not None:
-            with worker.lock:
-                worker.state, worker.batch = ThreadState.BUSY, batch
-            if batch.run.is_async:
-                unstarted = self._run_async(worker, batch)
-            else:
-                unstarted = self._run_batch(worker, batch)
-            if unstarted is None:
-                return  # abandoned: the dispatcher wrote this batch off and moved on
-            hooks.at("thread.batch-ran")
-            with worker.lock:
-                if worker.state is ThreadState.ABANDONED:
-                    return
-                outcomes, worker.outcomes = worker.outcomes, Outcomes.empty()
-                worker.state, worker.batch, worker.since = ThreadState.IDLE, None, time.monotonic()
-            if unstarted == len(batch.items):
-                self._report(Completed(batch, 0, outcomes, worker.id, self._pid))
-            else:
-                self._report(Completed(batch, 0, outcomes, worker.id, self._pid, final=False))
-                self._report(Returned(batch, unstarted))
-            del batch, outcomes  # hold no task's values while waiting for the next batch
+        _ThreadLane(self, worker).serve(lambda batch: self._run_plain(worker, batch))
+
+    def _run_plain(self, worker: _Worker, batch: Batch) -> bool:
+        """Run a batch of plain tasks and report it; False if the thread was abandoned."""
+        with worker.lock:
+            worker.state, worker.held = ThreadState.BUSY, [batch]
+        unstarted = self._run_batch(worker, batch)
+        if unstarted is None:
+            return False  # abandoned: the dispatcher wrote this batch off and moved on
+        hooks.at("thread.batch-ran")
+        with worker.lock:
+            if worker.state is ThreadState.ABANDONED:
+                return False
+            outcomes, worker.outcomes = worker.outcomes, Outcomes.empty()
+            worker.state, worker.held, worker.since = ThreadState.IDLE, [], time.monotonic()
+        if unstarted == len(batch.items):
+            self._report(Completed(batch, 0, outcomes, worker.id, self._pid))
+        else:
+            self._report(Completed(batch, 0, outcomes, worker.id, self._pid, final=False))
+            self._report(Returned(batch, unstarted))
+        return True
 
     def _run_batch(self, worker: _Worker, batch: Batch) -> int | None:
         """The hot loop for tiny tasks, written out as the process worker's is: one
@@ -179,7 +185,7 @@ class ThreadPool(Pool):
             if run.stopped:
                 return position
             with lock:
-                worker.current = (position, now)
+                worker.current = (batch, position, now)
             failure = None
             try:
                 value = fn(*item) if star else fn(item)
@@ -203,25 +209,6 @@ class ThreadPool(Pool):
             now = end
         return len(batch.items)
 
-    def _run_async(self, worker: _Worker, batch: Batch) -> int | None:
-        """The batch's coroutines together on this thread's event loop."""
-        run = batch.run
-
-        def on_step(position: int, started: float) -> None:
-            with worker.lock:
-                worker.current = None if position < 0 else (position, started)
-
-        outcomes = call_async(
-            run.fn, run.star, batch.items, run.retry_on, run.timeout, lambda item: None, on_step
-        )
-        with worker.lock:
-            if worker.state is ThreadState.ABANDONED:
-                return None
-            worker.outcomes = outcomes
-            worker.done += len(outcomes.values)
-            worker.errors += len(outcomes.failures)
-        return len(batch.items)
-
     # -- the dispatcher's side -----------------------------------------------------
 
     def _paused(self) -> str | None:
@@ -231,10 +218,10 @@ class ThreadPool(Pool):
         any_thread = next(iter(self._workers))
         return self._admission.machine_pause() or self._admission.worker_pause(any_thread)
 
-    def capacity(self, prefetch: bool = True) -> int:
+    def capacity(self, prefetch: bool = True, stream: bool = False) -> int:
         if self._paused() is not None or self._closing:
             return 0
-        return (PREFETCH if prefetch else 1) * len(self._workers) - self._in_flight
+        return (PREFETCH + stream if prefetch else 1) * len(self._workers) - self._in_flight
 
     def pause_reasons(self) -> list[str]:
         paused = self._paused()
@@ -246,14 +233,14 @@ class ThreadPool(Pool):
 
     def settle(self, event: Completed | WorkerGone | Returned) -> None:
         if isinstance(event, WorkerGone):
-            self._in_flight -= bool(event.running)
-        elif isinstance(event, Returned) or event.final:
+            self._in_flight -= len(event.unreported)  # one entry per batch it held
+        elif event.final:
             self._in_flight -= 1
 
     def give_back(self, batch: Batch) -> bool:
         for worker in self._workers.values():
             with worker.lock:
-                if worker.batch is batch and worker.state is ThreadState.BUSY:
+                if worker.state is ThreadState.BUSY and any(b is batch for b in worker.held):
                     worker.state = ThreadState.RETURNING
                     return True
         return False
@@ -262,9 +249,9 @@ class ThreadPool(Pool):
         busy = []
         for worker in self._workers.values():
             with worker.lock:
-                batch, current = worker.batch, worker.current
-            if batch is not None and current is not None:
-                busy.append(Running(worker.id, batch, current[0], current[1]))
+                current = worker.current
+            if current is not None:
+                busy.append(Running(worker.id, *current))
         return busy
 
     def starting(self) -> list[tuple[str, float]]:
@@ -275,24 +262,25 @@ class ThreadPool(Pool):
         if stuck is None:
             return False
         with stuck.lock:
-            batch, current, starting = stuck.batch, stuck.current, stuck.state
+            held, current, starting = stuck.held, stuck.current, stuck.state
             if starting is ThreadState.STARTING:
                 running = []
-            elif batch is None or current is None:
+            elif current is None:
                 return False  # between tasks: the task it was stopped for has ended
-            elif task is not None and (batch.seq, current[0]) != task:
+            elif task is not None and (current[0].seq, current[1]) != task:
                 return False
             else:
-                running = [(batch, current[0])]
+                running = [(current[0], current[1])]
             stuck.state = ThreadState.ABANDONED
             finished, stuck.outcomes = stuck.outcomes, Outcomes.empty()
         del self._workers[worker]
         self._abandoned.append(stuck)
         hooks.at("thread.worker-abandoned")  # between losing a worker and replacing it
         self._replace()
-        if batch is not None and finished.values:
-            self._report(Completed(batch, 0, finished, worker, self._pid, final=False))
-        unreported = [] if batch is None or current is None else [(batch, current[0] + 1)]
+        if finished.values:  # a plain batch: the tasks before the one stopped
+            self._report(Completed(held[0], 0, finished, worker, self._pid, final=False))
+        # the rest of every batch it held runs again elsewhere (what those records leave)
+        unreported = [(batch, 0) for batch in held]
         ready = starting is not ThreadState.STARTING
         self._report(WorkerGone(worker, self._pid, why, ready, running, None, unreported))
         return True
@@ -326,7 +314,7 @@ class ThreadPool(Pool):
         rows = []
         for worker in [*self._workers.values(), *self._abandoned]:
             with worker.lock:
-                state, batch, current = worker.state, worker.batch, worker.current
+                state, current = worker.state, worker.current
             reason = None
             if state is ThreadState.ABANDONED:
                 reason = "stopped while running; the thread cannot be killed"
@@ -337,15 +325,14 @@ class ThreadPool(Pool):
                 shown = "starting"
             else:
                 shown, reason = ("idle", None) if paused is None else ("paused", paused)
-            running = batch is not None and current is not None
             rows.append(
                 {
                     "worker": worker.id,
                     "pid": self._pid,
                     "native_id": worker.native_id,
                     "state": shown,
-                    "task": batch.indices[current[0]] if running else None,  # type: ignore[index, union-attr]
-                    "task_seconds": now - current[1] if running else None,  # type: ignore[index]
+                    "task": None if current is None else current[0].indices[current[1]],
+                    "task_seconds": None if current is None else now - current[2],
                     "done": worker.done,
                     "errors": worker.errors,
                     "reason": reason,
@@ -370,3 +357,72 @@ class ThreadPool(Pool):
 
     def closed(self) -> bool:
         return all(not (w.thread and w.thread.is_alive()) for w in self._workers.values())
+
+
+class _ThreadLane(AsyncLane):
+    """A worker thread's stream of async batches, reported as the thread's facts."""
+
+    def __init__(self, pool: ThreadPool, worker: _Worker) -> None:
+        super().__init__(pool._queue)
+        self.pool = pool
+        self.worker = worker
+
+    def work(self, item: Batch | None) -> Work | None:
+        if item is None or not item.run.is_async:
+            return None
+        run = item.run
+        return Work(
+            item, run.fn, run.star, run.retry_on, run.timeout, run.concurrency, item.items, _never
+        )
+
+    def took(self, work: Work) -> None:
+        with self.worker.lock:
+            self.worker.held.append(work.key)
+            self.worker.state = ThreadState.BUSY  # a recall was about the batches held before
+
+    def stepper(self, work: Work) -> OnStep:
+        batch, worker = work.key, self.worker
+
+        def on_step(position: int, started: float) -> None:
+            with worker.lock:
+                worker.current = None if position < 0 else (batch, position, started)
+
+        return on_step
+
+    def recalled(self, work: Work, waited: bool) -> bool:
+        return work.key.run.stopped or (waited and self.worker.state is ThreadState.RETURNING)
+
+    def finished(self, work: Work, outcomes: Outcomes, final: bool) -> None:
+        worker = self.worker
+        with worker.lock:
+            if worker.state is ThreadState.ABANDONED:
+                return  # the dispatcher took every batch the thread held
+            if final:
+                worker.held.remove(work.key)
+            worker.done += len(outcomes.values)
+            worker.errors += len(outcomes.failures)
+        self.pool._report(Completed(work.key, 0, outcomes, worker.id, self.pool._pid, final))
+
+    def gave_back(self, work: Work, first: int, final: bool) -> None:
+        worker = self.worker
+        with worker.lock:
+            if worker.state is ThreadState.ABANDONED:
+                return
+            if final:
+                worker.held.remove(work.key)
+            if worker.state is ThreadState.RETURNING:
+                worker.state = ThreadState.BUSY
+        self.pool._report(Returned(work.key, first, final))
+
+    def abandoned(self) -> bool:
+        return self.worker.state is ThreadState.ABANDONED
+
+    def idle(self) -> None:
+        with self.worker.lock:
+            if self.worker.state is not ThreadState.ABANDONED:
+                self.worker.state, self.worker.since = ThreadState.IDLE, time.monotonic()
+
+
+def _never(item: Any) -> None:
+    """A thread runs every item it is given (nothing crossed a pipe)."""
+    return None
